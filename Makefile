@@ -1,0 +1,44 @@
+# Every target creates .venv when missing and installs what it needs.
+# The pinned CPU wheel of torch is installed first so nothing pulls CUDA packages.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_PIN ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
+
+.PHONY: demo test test-all bench bench-quick lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet "$(TORCH_PIN)"
+	$(BIN)/pip install --quiet -e .
+	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e ".[dev,lightning]"
+	touch $(DEV_STAMP)
+
+demo: $(STAMP)
+	$(BIN)/modaldiag demo --out demo-out
+
+test: $(DEV_STAMP)
+	$(BIN)/python -m pytest -q
+
+test-all: $(DEV_STAMP)
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+bench: $(DEV_STAMP)
+	$(BIN)/python -m benchmarks.run
+
+bench-quick: $(DEV_STAMP)
+	$(BIN)/python -m benchmarks.run --quick
+
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check modaldiag tests examples benchmarks
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

@@ -1,0 +1,9 @@
+"""Datasets: every loader yields ``(inputs: dict[str, Tensor], labels: LongTensor)``."""
+
+from .base import DatasetSplits, MultimodalDataset, batch_loader
+from .embedded import MFEAT_VIEWS, available, load
+from .folder import AVFolderDataset, av_folder
+from .synthetic import synthetic
+
+__all__ = ["MultimodalDataset", "DatasetSplits", "batch_loader", "synthetic", "load", "available",
+           "MFEAT_VIEWS", "AVFolderDataset", "av_folder"]

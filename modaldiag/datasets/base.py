@@ -1,0 +1,185 @@
+"""In-memory multimodal datasets and the train/val/test bundle every loader function returns."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from ..utils.validation import check_modality_names
+
+__all__ = ["MultimodalDataset", "DatasetSplits", "batch_loader"]
+
+
+class MultimodalDataset(Dataset):
+    """Tensors per modality plus labels; ``ds[i]`` is ``({m: x_m[i]}, y[i])``.
+
+    Parameters
+    ----------
+    inputs : dict[str, Tensor or ndarray]
+        ``{m: (N, ...)}``, one array per modality, same N.
+    labels : Tensor or ndarray (N,)
+        Integer class labels in ``[0, num_classes)``.
+    num_classes : int, optional
+        Defaults to ``len(class_names)`` or ``labels.max() + 1``.
+    class_names : sequence of str, optional
+    """
+
+    def __init__(self, inputs: Mapping[str, torch.Tensor | np.ndarray],
+                 labels: torch.Tensor | np.ndarray, *, num_classes: int | None = None,
+                 class_names: Sequence[str] | None = None, name: str = ""):
+        self.modalities = check_modality_names(inputs.keys())
+        self.inputs = {m: torch.as_tensor(inputs[m]) for m in self.modalities}
+        self.labels = torch.as_tensor(labels).long()
+        n = self.labels.shape[0]
+        for m, x in self.inputs.items():
+            if x.shape[0] != n:
+                raise ValueError(f"modality {m!r} has {x.shape[0]} samples but labels have {n}.")
+        self.class_names = list(class_names) if class_names is not None else None
+        if num_classes is None:
+            num_classes = len(self.class_names) if self.class_names else int(self.labels.max()) + 1 if n else 0
+        self.num_classes = int(num_classes)
+        self.name = name
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, index):
+        return {m: x[index] for m, x in self.inputs.items()}, self.labels[index]
+
+    @property
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-sample input shape of each modality (no batch dimension)."""
+        return {m: tuple(x.shape[1:]) for m, x in self.inputs.items()}
+
+    def subset(self, indices) -> MultimodalDataset:
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        return MultimodalDataset({m: x[idx] for m, x in self.inputs.items()}, self.labels[idx],
+                                 num_classes=self.num_classes, class_names=self.class_names,
+                                 name=self.name)
+
+    def loader(self, batch_size: int = 64, shuffle: bool = False, drop_last: bool = False,
+               generator: torch.Generator | None = None) -> DataLoader:
+        """A fast DataLoader that slices whole batches (no per-sample collation)."""
+        return batch_loader(self, batch_size, shuffle=shuffle, drop_last=drop_last,
+                            generator=generator)
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{m}: {s}" for m, s in self.input_shapes.items())
+        return f"MultimodalDataset({self.name!r}, n={len(self)}, classes={self.num_classes}, {shapes})"
+
+
+class _BatchView(Dataset):
+    """Indexes a MultimodalDataset by a list of indices, returning a whole batch."""
+
+    def __init__(self, dataset: MultimodalDataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, indices):
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return {m: x[idx] for m, x in self.dataset.inputs.items()}, self.dataset.labels[idx]
+
+
+def batch_loader(dataset: MultimodalDataset, batch_size: int = 64, *, shuffle: bool = False,
+                 drop_last: bool = False, generator: torch.Generator | None = None,
+                 sampler=None) -> DataLoader:
+    """A DataLoader over ``dataset`` that fetches batches by fancy indexing.
+
+    ``sampler`` (any iterable of indices, e.g. a weighted sampler) overrides ``shuffle``.
+    """
+    if sampler is None:
+        sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    return DataLoader(_BatchView(dataset), sampler=BatchSampler(sampler, batch_size, drop_last),
+                      batch_size=None)
+
+
+@dataclass
+class DatasetSplits:
+    """What :func:`load` and :func:`synthetic` return: train/val/test splits plus metadata.
+
+    Standardisation (where applied) was fitted on ``train`` only. ``val`` is for model selection;
+    keep ``test`` for the final number.
+    """
+
+    name: str
+    train: MultimodalDataset
+    val: MultimodalDataset
+    test: MultimodalDataset
+    description: str = ""
+    license: str = ""
+    info: dict = field(default_factory=dict)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self.train.modalities
+
+    @property
+    def num_classes(self) -> int:
+        return self.train.num_classes
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.train.class_names
+
+    @property
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        return self.train.input_shapes
+
+    def loaders(self, batch_size: int = 64, *, shuffle_train: bool = True):
+        """``(train_loader, val_loader, test_loader)``."""
+        return (self.train.loader(batch_size, shuffle=shuffle_train),
+                self.val.loader(batch_size), self.test.loader(batch_size))
+
+    def __len__(self) -> int:
+        return len(self.train) + len(self.val) + len(self.test)
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{m}: {s}" for m, s in self.input_shapes.items())
+        return (f"DatasetSplits({self.name!r}, train={len(self.train)}, val={len(self.val)}, "
+                f"test={len(self.test)}, classes={self.num_classes}, {shapes})")
+
+
+def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+    """Indices of a stratified train/val/test split, deterministic by ``seed``."""
+    fractions = np.asarray(fractions, dtype=float)
+    if fractions.shape != (3,) or np.any(fractions <= 0) or not np.isclose(fractions.sum(), 1.0):
+        raise ValueError(f"split fractions must be 3 positive numbers summing to 1; got {list(fractions)}.")
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[], [], []]
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_train = int(round(fractions[0] * len(idx)))
+        n_val = int(round(fractions[1] * len(idx)))
+        parts[0] += idx[:n_train].tolist()
+        parts[1] += idx[n_train:n_train + n_val].tolist()
+        parts[2] += idx[n_train + n_val:].tolist()
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def standardize(train: dict[str, np.ndarray], *others: dict[str, np.ndarray],
+                channel_axis: dict[str, int] | None = None):
+    """Standardise each modality with statistics fitted on ``train`` only.
+
+    Vector views are scaled per feature; for arrays ``(N, C, T)`` the statistics are per channel
+    (``channel_axis[m] = 1``).
+    """
+    channel_axis = channel_axis or {}
+    out_sets: list[dict[str, np.ndarray]] = [{} for _ in range(1 + len(others))]
+    for m, x in train.items():
+        x = x.astype(np.float32)
+        if m in channel_axis:
+            axes = tuple(a for a in range(x.ndim) if a != channel_axis[m])
+        else:
+            axes = (0,)
+        mean = x.mean(axis=axes, keepdims=True)
+        std = x.std(axis=axes, keepdims=True)
+        std = np.where(std < 1e-8, 1.0, std)
+        for i, s in enumerate((train, *others)):
+            out_sets[i][m] = ((s[m].astype(np.float32) - mean) / std).astype(np.float32)
+    return out_sets

@@ -1,0 +1,23 @@
+"""Models: the contract (encoders + head), fusion heads, ``wrap`` and default encoders."""
+
+from .classifier import MultimodalClassifier
+from .contract import MultimodalModel
+from .encoders import Conv1dEncoder, Conv2dEncoder, FrameEncoder, MLPEncoder, encoder_for_shape
+from .fusion import FUSIONS
+from .wrap import WrappedModel, wrap
+
+__all__ = ["MultimodalModel", "MultimodalClassifier", "WrappedModel", "wrap", "FUSIONS",
+           "MLPEncoder", "Conv1dEncoder", "Conv2dEncoder", "FrameEncoder", "encoder_for_shape",
+           "default_model"]
+
+
+def default_model(data, fusion: str = "concat", feature_dim: int = 64, **kwargs) -> MultimodalClassifier:
+    """A :class:`MultimodalClassifier` with default encoders for a dataset bundle.
+
+    ``data`` is what :func:`modaldiag.datasets.load` / ``synthetic`` return (it knows the input
+    shape of every modality and the number of classes).
+    """
+    shapes = data.input_shapes
+    encoders = {m: encoder_for_shape(shapes[m], feature_dim) for m in data.modalities}
+    return MultimodalClassifier(encoders, {m: feature_dim for m in data.modalities},
+                                data.num_classes, fusion=fusion, **kwargs)

@@ -1,0 +1,261 @@
+"""The multimodal model contract: ``encoders`` (one per modality) + a ``head`` over features.
+
+Invariant: *absence is a feature-level substitution*. ``head(features, present=S)`` replaces the
+feature of every modality outside ``S`` by its baseline (zeros by default, or a stored
+per-modality mean) and runs the ordinary fusion. Unimodal logits, Shapley coalitions, OPM feature
+dropping and valuation re-sampling all go through this one rule, for every fusion type.
+
+Invariant: parameters belong to a modality by *module identity* (``model.encoders[m]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..utils.validation import check_features, check_inputs, check_modality_names, check_present
+
+__all__ = ["MultimodalModel", "BaselineStore"]
+
+
+class BaselineStore(nn.Module):
+    """Per-modality baseline vectors as buffers (so they travel with ``state_dict``).
+
+    A modality with no stored vector uses zeros. Buffers are created on load when a checkpoint
+    holds them, so a fresh model can load a checkpoint that used a mean baseline.
+    """
+
+    def get(self, modality: str) -> torch.Tensor | None:
+        return self._buffers.get(modality)
+
+    def set(self, modality: str, value: torch.Tensor | None) -> None:
+        if value is None:
+            self._buffers.pop(modality, None)
+        else:
+            self.register_buffer(modality, value.detach().clone())
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            name = key[len(prefix):]
+            if "." not in name and name not in self._buffers:
+                self.register_buffer(name, torch.empty_like(state_dict[key]))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+class MultimodalModel(nn.Module):
+    """Base class of every modaldiag model (built with :class:`MultimodalClassifier` or
+    :func:`wrap`).
+
+    Subclasses set ``self.encoders`` (an ``nn.ModuleDict`` keyed by modality) and implement
+    :meth:`fuse`, which maps a *complete* feature dict to logits ``(B, C)``.
+
+    Attributes
+    ----------
+    modalities : tuple[str, ...]
+        Modality names, in the order given at construction.
+    encoders : nn.ModuleDict
+        One encoder per modality; ``encoders[m](x_m)`` returns features ``(B, d_m)``.
+    num_classes : int or None
+        Number of classes of the logits (``None`` until known for a wrapped model).
+    """
+
+    encoders: nn.ModuleDict
+
+    def __init__(self, modalities: Iterable[str], num_classes: int | None = None):
+        super().__init__()
+        self.modalities: tuple[str, ...] = check_modality_names(modalities)
+        self.num_classes = num_classes
+        self.baselines = BaselineStore()
+
+    # ------------------------------------------------------------------ encoders
+    def encode(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run every encoder once. ``inputs[m]`` has shape ``(B, ...)``; returns ``{m: (B, d_m)}``."""
+        check_inputs(inputs, self.modalities)
+        features = {}
+        for m in self.modalities:
+            feats = self.encoders[m](inputs[m])
+            if not isinstance(feats, torch.Tensor):
+                raise TypeError(
+                    f"encoder for modality {m!r} returned {type(feats).__name__}; it must return a "
+                    "Tensor (B, d). Wrap it, e.g. nn.Sequential(encoder, nn.Flatten())."
+                )
+            features[m] = feats
+        self._check_feature_shapes(features)
+        return features
+
+    def _check_feature_shapes(self, features: Mapping[str, torch.Tensor]) -> None:
+        """Hook for subclasses that know the feature dimensions."""
+
+    # ------------------------------------------------------------------ head
+    def fuse(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Map a complete feature dict to logits ``(B, C)``. Implemented by subclasses."""
+        raise NotImplementedError
+
+    def absent_feature(self, modality: str, feature: torch.Tensor) -> torch.Tensor:
+        """The baseline that stands in for ``modality`` when it is absent, shaped like ``feature``."""
+        stored = self.baselines.get(modality)
+        if stored is None:
+            return torch.zeros_like(feature)
+        return stored.to(dtype=feature.dtype, device=feature.device).expand_as(feature)
+
+    def head(
+        self, features: Mapping[str, torch.Tensor], present: Iterable[str] | str | None = None
+    ) -> torch.Tensor:
+        """Logits ``(B, C)`` with every modality outside ``present`` replaced by its baseline.
+
+        ``present=None`` means all modalities. ``present=("audio",)`` gives audio's unimodal
+        logits; ``present=()`` gives the logits of the all-baseline input.
+        """
+        present = check_present(present, self.modalities)
+        check_features(features, self.modalities)
+        if len(present) < len(self.modalities):
+            features = {
+                m: features[m] if m in present else self.absent_feature(m, features[m])
+                for m in self.modalities
+            }
+        return self.fuse(features)
+
+    def head_coalitions(
+        self,
+        features: Mapping[str, torch.Tensor],
+        masks: torch.Tensor,
+        *,
+        max_rows: int = 65536,
+    ) -> torch.Tensor:
+        """Evaluate the head on many coalitions at once.
+
+        Parameters
+        ----------
+        features : dict[str, Tensor]
+            Features ``{m: (B, d_m)}`` from :meth:`encode`.
+        masks : BoolTensor (K, M)
+            ``masks[k, i]`` is True when modality ``self.modalities[i]`` is present in coalition k.
+        max_rows : int, default 65536
+            Upper bound on ``K_chunk * B`` rows per head call (bounds memory).
+
+        Returns
+        -------
+        Tensor (K, B, C)
+            Logits of every coalition for every sample. The head runs on stacked coalitions, so
+            it must treat rows independently (true for any head in eval mode).
+        """
+        check_features(features, self.modalities)
+        masks = masks.to(torch.bool)
+        if masks.dim() != 2 or masks.shape[1] != len(self.modalities):
+            raise ValueError(
+                f"masks must have shape (K, {len(self.modalities)}); got {tuple(masks.shape)}."
+            )
+        first = features[self.modalities[0]]
+        batch = first.shape[0]
+        per_call = max(1, max_rows // max(batch, 1))
+        out = []
+        for start in range(0, masks.shape[0], per_call):
+            chunk = masks[start:start + per_call].to(first.device)
+            k = chunk.shape[0]
+            stacked = {}
+            for i, m in enumerate(self.modalities):
+                f = features[m]
+                keep = chunk[:, i].view(k, *([1] * f.dim()))
+                mixed = torch.where(keep, f.unsqueeze(0), self.absent_feature(m, f).unsqueeze(0))
+                stacked[m] = mixed.reshape(k * batch, *f.shape[1:])
+            logits = self.fuse(stacked)
+            out.append(logits.reshape(k, batch, -1))
+        return torch.cat(out, dim=0)
+
+    def forward(
+        self, inputs: Mapping[str, torch.Tensor], present: Iterable[str] | str | None = None
+    ) -> torch.Tensor:
+        """``head(encode(inputs), present)``: logits ``(B, C)``."""
+        return self.head(self.encode(inputs), present=present)
+
+    # ------------------------------------------------------------------ baselines
+    @property
+    def baseline_kind(self) -> str:
+        """``"zero"`` when no modality has a stored baseline, else ``"mean"``/``"custom"``."""
+        if not len(self.baselines._buffers):
+            return "zero"
+        return getattr(self, "_baseline_kind", "custom")
+
+    @torch.no_grad()
+    def set_baseline(
+        self,
+        baseline: str | Mapping[str, torch.Tensor] = "zero",
+        loader: Iterable | None = None,
+    ) -> MultimodalModel:
+        """Choose what an absent modality's feature is replaced by.
+
+        ``"zero"`` (default, the authors' convention); ``"mean"``: the mean feature of each
+        modality over ``loader`` (use the training loader), computed in eval mode; or a dict
+        ``{m: Tensor (d_m,)}``.
+        """
+        if isinstance(baseline, str):
+            if baseline == "zero":
+                for m in self.modalities:
+                    self.baselines.set(m, None)
+                return self
+            if baseline != "mean":
+                raise ValueError(f"baseline must be 'zero', 'mean' or a dict; got {baseline!r}.")
+            if loader is None:
+                raise ValueError("baseline='mean' needs the training loader: set_baseline('mean', loader).")
+            means = self.mean_features(loader)
+            for m, v in means.items():
+                self.baselines.set(m, v)
+            self._baseline_kind = "mean"
+            return self
+        check_present(baseline.keys(), self.modalities)
+        for m, v in baseline.items():
+            self.baselines.set(m, torch.as_tensor(v))
+        self._baseline_kind = "custom"
+        return self
+
+    @torch.no_grad()
+    def mean_features(self, loader: Iterable) -> dict[str, torch.Tensor]:
+        """Mean encoder output per modality over ``loader`` (eval mode, streaming)."""
+        was_training = self.training
+        self.eval()
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        device = _module_device(self)
+        try:
+            for inputs, _ in loader:
+                feats = self.encode({m: x.to(device) for m, x in inputs.items()})
+                for m, f in feats.items():
+                    s = f.double().sum(0)
+                    sums[m] = s if m not in sums else sums[m] + s
+                count += next(iter(feats.values())).shape[0]
+        finally:
+            self.train(was_training)
+        if count == 0:
+            raise ValueError("the loader is empty: cannot compute mean features.")
+        return {m: (s / count).float() for m, s in sums.items()}
+
+    # ------------------------------------------------------------------ parameters
+    def modality_parameters(self, modality: str) -> Iterator[nn.Parameter]:
+        """Parameters of ``encoders[modality]`` (by module identity)."""
+        check_present((modality,), self.modalities)
+        return self.encoders[modality].parameters()
+
+    def named_modality_parameters(self, modality: str) -> Iterator[tuple[str, nn.Parameter]]:
+        check_present((modality,), self.modalities)
+        return self.encoders[modality].named_parameters()
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Every parameter that belongs to no encoder (the fusion head)."""
+        enc = {id(p) for p in self.encoders.parameters()}
+        return [p for p in self.parameters() if id(p) not in enc]
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    for b in module.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def modality_index(model: MultimodalModel, names: Sequence[str]) -> list[int]:
+    return [model.modalities.index(n) for n in names]

@@ -1,0 +1,130 @@
+"""Fusion heads. Each maps a complete feature dict ``{m: (B, d_m)}`` to logits ``(B, C)``.
+
+What "absent" means is the same for every head: the absent modality's feature is replaced by its
+baseline *before* the head runs (see :mod:`modaldiag.models.contract`). Consequences per head,
+with the default zero baseline:
+
+- ``concat``: ``W [f_1; ...; f_M] + b``; an absent modality contributes nothing but the bias is
+  kept (OGM-GE's shortcut ``W_m f_m + b/M`` differs from this only by ``(M-1)/M * b``).
+- ``sum``: ``W_out relu(sum_m P_m f_m + c) + b``; an absent modality's projection is zero.
+- ``late``: ``sum_m (W_m f_m + b_m)``; an absent modality contributes its bias ``b_m`` only.
+- ``film``: the first modality (``film_target``) is modulated by the others:
+  ``h = P f_target``, ``[gamma, beta] = G [f_others] + g``, logits ``W ((1 + gamma) * h + beta) + b``.
+  An absent conditioner leaves the modulation at its bias; an absent target leaves ``beta`` only.
+- ``gated``: gated multimodal unit, ``h_m = tanh(P_m f_m)``, ``z = softmax(G [f_1; ...; f_M])``,
+  logits ``W sum_m z_m h_m + b``. An absent modality has ``h_m = tanh(bias_m)`` and still takes
+  part in the gate through its zero input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["FUSIONS", "build_fusion", "ConcatFusion", "SumFusion", "LateFusion", "FiLMFusion",
+           "GatedFusion"]
+
+
+class _Fusion(nn.Module):
+    def __init__(self, feature_dims: Mapping[str, int], num_classes: int):
+        super().__init__()
+        self.modalities = tuple(feature_dims)
+        self.feature_dims = dict(feature_dims)
+        self.num_classes = num_classes
+
+    def _cat(self, features: Mapping[str, torch.Tensor], names=None) -> torch.Tensor:
+        names = self.modalities if names is None else names
+        return torch.cat([features[m] for m in names], dim=-1)
+
+
+class ConcatFusion(_Fusion):
+    """Concatenate features, one linear layer (the published audio-visual baseline)."""
+
+    def __init__(self, feature_dims, num_classes, hidden_dim: int | None = None):
+        super().__init__(feature_dims, num_classes)
+        self.fc = nn.Linear(sum(self.feature_dims.values()), num_classes)
+
+    def forward(self, features):
+        return self.fc(self._cat(features))
+
+
+class SumFusion(_Fusion):
+    """Project every modality to a shared space, sum, then a small classifier."""
+
+    def __init__(self, feature_dims, num_classes, hidden_dim: int | None = None):
+        super().__init__(feature_dims, num_classes)
+        hidden = hidden_dim or max(self.feature_dims.values())
+        self.proj = nn.ModuleDict({m: nn.Linear(d, hidden, bias=False)
+                                   for m, d in self.feature_dims.items()})
+        self.bias = nn.Parameter(torch.zeros(hidden))
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, features):
+        h = sum(self.proj[m](features[m]) for m in self.modalities) + self.bias
+        return self.fc(torch.relu(h))
+
+
+class LateFusion(_Fusion):
+    """Per-modality linear heads whose logits are summed."""
+
+    def __init__(self, feature_dims, num_classes, hidden_dim: int | None = None):
+        super().__init__(feature_dims, num_classes)
+        self.heads = nn.ModuleDict({m: nn.Linear(d, num_classes)
+                                    for m, d in self.feature_dims.items()})
+
+    def forward(self, features):
+        return sum(self.heads[m](features[m]) for m in self.modalities)
+
+
+class FiLMFusion(_Fusion):
+    """Feature-wise linear modulation of ``film_target`` by the other modalities."""
+
+    def __init__(self, feature_dims, num_classes, hidden_dim: int | None = None,
+                 film_target: str | None = None):
+        super().__init__(feature_dims, num_classes)
+        self.target = film_target or self.modalities[0]
+        if self.target not in self.feature_dims:
+            raise ValueError(f"film_target {self.target!r} is not a modality: {list(self.modalities)}.")
+        self.conditioners = tuple(m for m in self.modalities if m != self.target)
+        hidden = hidden_dim or self.feature_dims[self.target]
+        self.proj = nn.Linear(self.feature_dims[self.target], hidden)
+        self.film = nn.Linear(sum(self.feature_dims[m] for m in self.conditioners), 2 * hidden)
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, features):
+        h = self.proj(features[self.target])
+        gamma, beta = self.film(self._cat(features, self.conditioners)).chunk(2, dim=-1)
+        return self.fc((1 + gamma) * h + beta)
+
+
+class GatedFusion(_Fusion):
+    """Gated multimodal unit: a softmax gate over modalities weighs tanh projections."""
+
+    def __init__(self, feature_dims, num_classes, hidden_dim: int | None = None):
+        super().__init__(feature_dims, num_classes)
+        hidden = hidden_dim or max(self.feature_dims.values())
+        self.proj = nn.ModuleDict({m: nn.Linear(d, hidden) for m, d in self.feature_dims.items()})
+        self.gate = nn.Linear(sum(self.feature_dims.values()), len(self.modalities))
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, features):
+        z = torch.softmax(self.gate(self._cat(features)), dim=-1)
+        h = torch.stack([torch.tanh(self.proj[m](features[m])) for m in self.modalities], dim=-2)
+        return self.fc((z.unsqueeze(-1) * h).sum(dim=-2))
+
+
+FUSIONS = {
+    "concat": ConcatFusion,
+    "sum": SumFusion,
+    "late": LateFusion,
+    "film": FiLMFusion,
+    "gated": GatedFusion,
+}
+
+
+def build_fusion(fusion: str, feature_dims: Mapping[str, int], num_classes: int, **kwargs) -> nn.Module:
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {list(FUSIONS)}; got {fusion!r}.")
+    return FUSIONS[fusion](feature_dims, num_classes, **kwargs)

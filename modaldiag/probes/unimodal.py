@@ -1,0 +1,116 @@
+"""P5: unimodal scores (accuracy, true-class probability, CE) and discrepancy measures.
+
+The unimodal logits of modality m are the head with every other modality absent
+(``model.head(features, present=(m,))``), for any fusion head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..utils.torch_utils import module_device, to_device, unwrap
+from ..utils.validation import check_inputs, check_labels
+
+__all__ = ["UnimodalScore", "EvalResult", "evaluate", "unimodal_scores", "ogm_ratio", "inforeg_gap"]
+
+
+@dataclass
+class UnimodalScore:
+    """Scores of one modality's unimodal logits over a dataset."""
+
+    modality: str
+    accuracy: float
+    true_prob: float
+    cross_entropy: float
+    n: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EvalResult:
+    """Fused and per-modality scores from one streaming pass (encoders run once per batch)."""
+
+    loss: float
+    accuracy: float
+    n: int
+    unimodal: dict[str, UnimodalScore]
+
+    def to_dict(self) -> dict:
+        return {"loss": self.loss, "acc": self.accuracy, "n": self.n,
+                "unimodal_acc": {m: s.accuracy for m, s in self.unimodal.items()},
+                "unimodal_prob": {m: s.true_prob for m, s in self.unimodal.items()},
+                "unimodal_ce": {m: s.cross_entropy for m, s in self.unimodal.items()}}
+
+
+@torch.no_grad()
+def evaluate(model, loader: Iterable, *, device=None) -> EvalResult:
+    """Fused loss/accuracy and unimodal scores of every modality over ``loader`` (eval mode)."""
+    net = unwrap(model)
+    device = device or module_device(net)
+    was_training = net.training
+    net.eval()
+    mods = net.modalities
+    totals = {"loss": 0.0, "correct": 0, "n": 0}
+    uni = {m: {"correct": 0, "prob": 0.0, "ce": 0.0} for m in mods}
+    try:
+        for b, (inputs, labels) in enumerate(loader):
+            size = check_inputs(inputs, mods, batch_index=b)
+            labels = check_labels(labels, net.num_classes or 10**9, batch_size=size, batch_index=b)
+            inputs, labels = to_device(inputs, device), labels.to(device)
+            feats = net.encode(inputs)
+            logits = net.head(feats)
+            totals["loss"] += float(F.cross_entropy(logits, labels, reduction="sum"))
+            totals["correct"] += int((logits.argmax(1) == labels).sum())
+            totals["n"] += size
+            masks = torch.eye(len(mods), dtype=torch.bool)
+            uni_logits = net.head_coalitions(feats, masks)
+            for i, m in enumerate(mods):
+                lg = uni_logits[i]
+                logp = F.log_softmax(lg.float(), dim=1)
+                uni[m]["correct"] += int((lg.argmax(1) == labels).sum())
+                uni[m]["prob"] += float(logp.gather(1, labels[:, None]).exp().sum())
+                uni[m]["ce"] += float(-logp.gather(1, labels[:, None]).sum())
+    finally:
+        net.train(was_training)
+    n = totals["n"]
+    if n == 0:
+        raise ValueError("the loader is empty: nothing to evaluate.")
+    return EvalResult(
+        loss=totals["loss"] / n, accuracy=totals["correct"] / n, n=n,
+        unimodal={m: UnimodalScore(m, u["correct"] / n, u["prob"] / n, u["ce"] / n, n)
+                  for m, u in uni.items()},
+    )
+
+
+def unimodal_scores(model, loader: Iterable, *, device=None) -> dict[str, UnimodalScore]:
+    """Per-modality unimodal accuracy, mean true-class probability and cross-entropy.
+
+    Returns ``{m: UnimodalScore}`` with ``.accuracy``, ``.true_prob``, ``.cross_entropy``.
+    """
+    return evaluate(model, loader, device=device).unimodal
+
+
+def ogm_ratio(scores: Mapping[str, float]) -> dict[str, float]:
+    """OGM-style ratio ``rho_m = s_m / mean_{k != m} s_k`` (two modalities: ``s_a / s_v``)."""
+    names = list(scores)
+    out = {}
+    for m in names:
+        others = [float(scores[k]) for k in names if k != m]
+        denom = sum(others) / len(others)
+        out[m] = float(scores[m]) / denom if denom > 0 else float("inf")
+    return out
+
+
+def inforeg_gap(scores: Mapping[str, float]) -> dict[str, float]:
+    """InfoReg gap ``Delta_m = mean_{k: s_k < s_m} (s_m - s_k)``, 0 when no modality is worse."""
+    out = {}
+    for m, s in scores.items():
+        worse = [float(s) - float(t) for k, t in scores.items() if k != m and t < s]
+        out[m] = sum(worse) / len(worse) if worse else 0.0
+    return out

@@ -1,0 +1,119 @@
+"""Hook points of a training step, shared by ``md.fit``, plain loops and the Lightning callback.
+
+A step, in order::
+
+    on_train_epoch_start(ctx)                    # once per epoch, before the first batch
+      on_train_batch_start(ctx)
+      features = model.encode(inputs)
+      features = transform_features(features, ctx)   # e.g. OPM drops features
+      logits = model.head(features)                  # + unimodal logits when asked for
+      on_after_forward(ctx)                          # add terms to ctx.losses
+      backward(ctx) -> bool                          # True: this callback did the backward
+      on_after_backward(ctx)                         # e.g. OGM scales encoder gradients
+      on_before_optimizer_step(ctx)
+      optimizer.step()
+      on_train_batch_end(ctx)
+    on_train_epoch_end(ctx)                      # e.g. Re-learning re-initialises encoders
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["Callback", "StepContext"]
+
+
+@dataclass
+class StepContext:
+    """Everything a callback may read (and the few things it may change) at a hook.
+
+    ``model`` is the contract model (unwrapped from DDP); ``losses`` maps names to scalar tensors
+    that are summed into ``loss``; ``logs`` collects scalars for the epoch's History record.
+    """
+
+    model: Any
+    optimizer: Any = None
+    epoch: int = 0
+    step: int = 0
+    batch_index: int = 0
+    inputs: dict[str, torch.Tensor] | None = None
+    labels: torch.Tensor | None = None
+    features: dict[str, torch.Tensor] | None = None
+    logits: torch.Tensor | None = None
+    unimodal_logits: dict[str, torch.Tensor] | None = None
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    loss: torch.Tensor | None = None
+    logs: dict[str, Any] = field(default_factory=dict)
+    train_loader: Any = None
+    val_loader: Any = None
+    device: torch.device | None = None
+    history: Any = None
+    epochs: int | None = None
+    ddp_model: Any = None
+
+    def compute_unimodal_logits(self) -> dict[str, torch.Tensor]:
+        """Unimodal logits ``{m: head(features, present=(m,))}`` (computed once per step)."""
+        if self.unimodal_logits is None:
+            self.unimodal_logits = {m: self.model.head(self.features, present=(m,))
+                                    for m in self.model.modalities}
+        return self.unimodal_logits
+
+    def log(self, key: str, value: Any) -> None:
+        """Record a value in this epoch's History record (last write per epoch wins)."""
+        self.logs[key] = value
+
+
+class Callback:
+    """Base class of everything that plugs into a training step (regulators, monitors).
+
+    Override only the hooks you need. Keep all run state in :meth:`state_dict` so that a resumed
+    run continues exactly.
+    """
+
+    #: set True when the callback needs unimodal logits at every step
+    needs_unimodal_logits: bool = False
+
+    def on_fit_start(self, ctx: StepContext) -> None: ...
+
+    def on_train_epoch_start(self, ctx: StepContext) -> None: ...
+
+    def on_train_batch_start(self, ctx: StepContext) -> None: ...
+
+    def transform_features(self, features: dict[str, torch.Tensor], ctx: StepContext):
+        return features
+
+    def on_after_forward(self, ctx: StepContext) -> None: ...
+
+    def backward(self, ctx: StepContext) -> bool:
+        """Run the backward pass yourself and return True, or return False (default)."""
+        return False
+
+    def on_after_backward(self, ctx: StepContext) -> None: ...
+
+    def on_before_optimizer_step(self, ctx: StepContext) -> None: ...
+
+    def on_train_batch_end(self, ctx: StepContext) -> None: ...
+
+    def on_train_epoch_end(self, ctx: StepContext) -> None: ...
+
+    def on_validation_end(self, ctx: StepContext, metrics: dict) -> None: ...
+
+    def on_fit_end(self, ctx: StepContext) -> None: ...
+
+    def train_loader(self, ctx: StepContext):
+        """Return a loader to use for this epoch instead of the given one, or None."""
+        return None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state but was given {sorted(state)}.")
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__

@@ -1,0 +1,1 @@
+"""Shared helpers: input validation (one place for every check) and atomic file IO."""
