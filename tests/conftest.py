@@ -1,0 +1,38 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+import modaldiag as md  # noqa: E402
+from modaldiag.models import MLPEncoder  # noqa: E402
+
+FUSIONS = ("concat", "sum", "film", "gated", "late")
+
+
+def make_model(m: int = 2, fusion: str = "concat", in_dim: int = 5, feat: int = 4,
+               num_classes: int = 3, seed: int = 0):
+    torch.manual_seed(seed)
+    names = [f"m{i}" for i in range(m)]
+    encoders = {n: MLPEncoder(in_dim + i, feat + i, hidden=(8,)) for i, n in enumerate(names)}
+    dims = {n: feat + i for i, n in enumerate(names)}
+    return md.MultimodalClassifier(encoders, dims, num_classes, fusion=fusion)
+
+
+def make_inputs(model, batch: int = 6, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(batch, enc.net[0].in_features, generator=g)
+            for n, enc in model.encoders.items()}
+
+
+@pytest.fixture(scope="session")
+def fou_pix():
+    return md.datasets.load("mfeat-fou-pix")
+
+
+@pytest.fixture(scope="session")
+def synth():
+    return md.datasets.synthetic(n_samples=600, num_classes=4, strength={"a": 2.5, "b": 0.6},
+                                 dims={"a": 16, "b": 16}, seed=0)

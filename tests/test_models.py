@@ -1,0 +1,157 @@
+import itertools
+
+import pytest
+import torch
+from conftest import FUSIONS, make_inputs, make_model
+from torch import nn
+
+import modaldiag as md
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("m", [2, 3])
+def test_absent_modality_cannot_change_output(fusion, m):
+    model = make_model(m, fusion).eval()
+    x = make_inputs(model)
+    feats = model.encode(x)
+    for r in range(m + 1):
+        for present in itertools.combinations(model.modalities, r):
+            base = model.head(feats, present=present)
+            for absent in set(model.modalities) - set(present):
+                perturbed = dict(feats)
+                perturbed[absent] = feats[absent] * 7.0 + 3.0
+                torch.testing.assert_close(model.head(perturbed, present=present), base)
+            if len(present) < m and len(present) > 0:
+                # the present ones do matter (the test could fail)
+                changed = dict(feats)
+                changed[present[0]] = feats[present[0]] + 5.0
+                assert not torch.allclose(model.head(changed, present=present), base)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_absent_means_baseline_substitution(fusion):
+    model = make_model(3, fusion).eval()
+    feats = model.encode(make_inputs(model))
+    zeroed = {k: v if k == "m1" else torch.zeros_like(v) for k, v in feats.items()}
+    torch.testing.assert_close(model.head(feats, present=("m1",)), model.fuse(zeroed))
+    means = {m: torch.full((model.feature_dims[m],), 0.5) for m in model.modalities}
+    model.set_baseline(means)
+    assert model.baseline_kind == "custom"
+    subst = {k: v if k == "m1" else means[k].expand_as(v) for k, v in feats.items()}
+    torch.testing.assert_close(model.head(feats, present=("m1",)), model.fuse(subst))
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_head_coalitions_matches_one_call_per_coalition(fusion):
+    model = make_model(3, fusion).eval()
+    feats = model.encode(make_inputs(model, batch=5))
+    masks = torch.tensor(list(itertools.product([False, True], repeat=3)))
+    batched = model.head_coalitions(feats, masks, max_rows=10)  # forces chunking
+    for k, mask in enumerate(masks):
+        present = [n for n, keep in zip(model.modalities, mask, strict=True) if keep]
+        torch.testing.assert_close(batched[k], model.head(feats, present=present))
+
+
+def test_mean_baseline_from_loader_and_state_dict_roundtrip(synth):
+    model = md.models.default_model(synth)
+    model.set_baseline("mean", synth.train.loader(128))
+    assert model.baseline_kind == "mean"
+    with torch.no_grad():
+        feats = model.encode(synth.train.inputs)
+    torch.testing.assert_close(model.baselines.get("a"), feats["a"].mean(0), atol=1e-5, rtol=1e-5)
+    fresh = md.models.default_model(synth)
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh.baselines.get("b"), model.baselines.get("b"))
+
+
+def test_parameters_grouped_by_module_identity():
+    model = make_model(3, "gated")
+    enc_ids = {m: {id(p) for p in model.modality_parameters(m)} for m in model.modalities}
+    assert all(enc_ids[m] == {id(p) for p in model.encoders[m].parameters()} for m in model.modalities)
+    head_ids = {id(p) for p in model.head_parameters()}
+    all_ids = {id(p) for p in model.parameters()}
+    assert head_ids | set().union(*enc_ids.values()) == all_ids
+    assert not head_ids & set().union(*enc_ids.values())
+
+
+class AVClassifier(nn.Module):
+    """The common shape of published audio-visual classifiers."""
+
+    def __init__(self):
+        super().__init__()
+        self.audio_net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.visual_net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.fusion_module = nn.Linear(8, 5)
+
+    def forward(self, audio, visual):
+        a = torch.flatten(nn.functional.adaptive_avg_pool2d(self.audio_net(audio), 1), 1)
+        v = torch.flatten(nn.functional.adaptive_avg_pool2d(self.visual_net(visual), 1), 1)
+        return self.fusion_module(torch.cat([a, v], 1))
+
+
+def test_wrap_reproduces_model_outputs_exactly():
+    torch.manual_seed(0)
+    net = AVClassifier().eval()
+    pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    wrapped = md.wrap(net, encoders={"audio": nn.Sequential(net.audio_net, pool),
+                                     "visual": nn.Sequential(net.visual_net, pool)},
+                      head=lambda f: net.fusion_module(torch.cat([f["audio"], f["visual"]], 1)))
+    a, v = torch.randn(4, 1, 8, 8), torch.randn(4, 3, 8, 8)
+    expected = net(a, v)
+    assert torch.equal(wrapped({"audio": a, "visual": v}), expected)
+    assert wrapped.modalities == ("audio", "visual")
+    assert wrapped.num_classes == 5
+    # same parameter objects, not copies
+    assert {id(p) for p in wrapped.modality_parameters("audio")} == {id(p) for p in net.audio_net.parameters()}
+    assert {id(p) for p in wrapped.head_parameters()} == {id(p) for p in net.fusion_module.parameters()}
+    # absence works through the user's head too
+    feats = wrapped.encode({"audio": a, "visual": v})
+    uni = wrapped.head(feats, present=("audio",))
+    manual = net.fusion_module(torch.cat([feats["audio"], torch.zeros_like(feats["visual"])], 1))
+    torch.testing.assert_close(uni, manual)
+
+
+def test_wrap_refuses_foreign_encoder():
+    net = AVClassifier()
+    with pytest.raises(ValueError, match="not the wrapped model's"):
+        md.wrap(net, encoders={"audio": nn.Linear(2, 2), "visual": net.visual_net},
+                head=lambda f: f["audio"])
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = make_model(2)
+    x = make_inputs(model)
+    with pytest.raises(ValueError, match=r"missing \['m1'\].*unexpected \['video'\]"):
+        model({"m0": x["m0"], "video": x["m1"]})
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        model({"m0": x["m0"], "m1": x["m1"][:3]})
+    with pytest.raises(ValueError, match="unknown modalities"):
+        model(x, present=("audio",))
+    with pytest.raises(ValueError, match=r"returned shape \(6, 5\); expected \(B, 4\)"):
+        bad = md.MultimodalClassifier({"m0": nn.Linear(5, 5), "m1": nn.Linear(6, 5)},
+                                      {"m0": 4, "m1": 5}, 3)
+        bad(x)
+    with pytest.raises(ValueError, match="at least 2 modalities"):
+        md.MultimodalClassifier({"a": nn.Linear(2, 2)}, {"a": 2}, 3)
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        md.MultimodalClassifier({"a": nn.Linear(2, 2), "b": nn.Linear(2, 2)}, {"a": 2, "b": 2}, 3,
+                                fusion="attention")
+    with pytest.raises(ValueError, match="feature_dims keys"):
+        md.MultimodalClassifier({"a": nn.Linear(2, 2), "b": nn.Linear(2, 2)}, {"a": 2}, 3)
+    with pytest.raises(ValueError, match="may not contain '.'"):
+        md.MultimodalClassifier({"a.b": nn.Linear(2, 2), "b": nn.Linear(2, 2)}, {"a.b": 2, "b": 2}, 3)
+
+
+def test_custom_fusion_module_gets_full_feature_dict():
+    class Max(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, f):
+            return self.fc(torch.maximum(f["m0"], f["m1"][:, :4]))
+
+    model = make_model(2)
+    custom = md.MultimodalClassifier(dict(model.encoders), model.feature_dims, 3, fusion=Max())
+    out = custom(make_inputs(model))
+    assert out.shape == (6, 3)
