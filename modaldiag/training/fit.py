@@ -14,8 +14,21 @@ from tqdm.auto import tqdm
 
 from ..models.contract import MultimodalModel
 from ..utils.io import atomic_torch_save, safe_torch_load
-from ..utils.torch_utils import resolve_device, rng_state, seed_everything, set_rng_state, to_device, unwrap
-from ..utils.validation import check_choice, check_finite, check_inputs, check_labels, check_positive_int
+from ..utils.torch_utils import (
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    to_device,
+    unwrap,
+)
+from ..utils.validation import (
+    check_choice,
+    check_finite,
+    check_inputs,
+    check_labels,
+    check_positive_int,
+)
 from .callbacks import Callback, StepContext
 from .history import History
 

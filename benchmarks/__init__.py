@@ -1,0 +1,1 @@
+"""modaldiag benchmarks: run with `make bench` (or `python -m benchmarks.run --quick`)."""
