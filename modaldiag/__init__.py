@@ -8,7 +8,14 @@
 
 from . import datasets, models, probes, report, training
 from .models import MultimodalClassifier, MultimodalModel, wrap
-from .probes import unimodal_scores
+from .probes import (
+    diagnose,
+    fisher_trace,
+    learning_window,
+    separability,
+    shapley,
+    unimodal_scores,
+)
 from .report import plots as plot
 from .training import Callback, History, StepContext, fit
 
@@ -16,4 +23,5 @@ __version__ = "0.1.0"
 
 __all__ = ["MultimodalClassifier", "MultimodalModel", "wrap", "datasets", "models", "probes",
            "training", "report", "plot", "fit", "History", "Callback", "StepContext",
-           "unimodal_scores", "__version__"]
+           "unimodal_scores", "shapley", "fisher_trace", "separability", "diagnose",
+           "learning_window", "__version__"]

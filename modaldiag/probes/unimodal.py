@@ -40,6 +40,7 @@ class EvalResult:
     accuracy: float
     n: int
     unimodal: dict[str, UnimodalScore]
+    per_class: dict[int, dict] | None = None
 
     def to_dict(self) -> dict:
         return {"loss": self.loss, "acc": self.accuracy, "n": self.n,
@@ -52,28 +53,39 @@ class EvalResult:
 def evaluate(model, loader: Iterable, *, device=None) -> EvalResult:
     """Fused loss/accuracy and unimodal scores of every modality over ``loader`` (eval mode)."""
     net = unwrap(model)
+    if net.num_classes is None:
+        raise ValueError("the model's num_classes is unknown; pass num_classes to md.wrap(...).")
     device = device or module_device(net)
     was_training = net.training
     net.eval()
     mods = net.modalities
     totals = {"loss": 0.0, "correct": 0, "n": 0}
     uni = {m: {"correct": 0, "prob": 0.0, "ce": 0.0} for m in mods}
+    n_classes = net.num_classes
+    class_n = torch.zeros(n_classes, dtype=torch.long)
+    class_correct = torch.zeros(len(mods) + 1, n_classes, dtype=torch.long)
     try:
         for b, (inputs, labels) in enumerate(loader):
             size = check_inputs(inputs, mods, batch_index=b)
-            labels = check_labels(labels, net.num_classes or 10**9, batch_size=size, batch_index=b)
+            labels = check_labels(labels, net.num_classes, batch_size=size, batch_index=b)
             inputs, labels = to_device(inputs, device), labels.to(device)
             feats = net.encode(inputs)
             logits = net.head(feats)
             totals["loss"] += float(F.cross_entropy(logits, labels, reduction="sum"))
-            totals["correct"] += int((logits.argmax(1) == labels).sum())
+            hit = logits.argmax(1) == labels
+            totals["correct"] += int(hit.sum())
             totals["n"] += size
+            y_cpu = labels.cpu()
+            class_n += torch.bincount(y_cpu, minlength=n_classes)
+            class_correct[0] += torch.bincount(y_cpu[hit.cpu()], minlength=n_classes)
             masks = torch.eye(len(mods), dtype=torch.bool)
             uni_logits = net.head_coalitions(feats, masks)
             for i, m in enumerate(mods):
                 lg = uni_logits[i]
                 logp = F.log_softmax(lg.float(), dim=1)
-                uni[m]["correct"] += int((lg.argmax(1) == labels).sum())
+                uhit = lg.argmax(1) == labels
+                uni[m]["correct"] += int(uhit.sum())
+                class_correct[i + 1] += torch.bincount(y_cpu[uhit.cpu()], minlength=n_classes)
                 uni[m]["prob"] += float(logp.gather(1, labels[:, None]).exp().sum())
                 uni[m]["ce"] += float(-logp.gather(1, labels[:, None]).sum())
     finally:
@@ -81,10 +93,19 @@ def evaluate(model, loader: Iterable, *, device=None) -> EvalResult:
     n = totals["n"]
     if n == 0:
         raise ValueError("the loader is empty: nothing to evaluate.")
+    per_class = {}
+    for c in range(n_classes):
+        if class_n[c] == 0:
+            continue
+        cn = int(class_n[c])
+        per_class[c] = {"n": cn, "acc": int(class_correct[0, c]) / cn,
+                        "unimodal_acc": {m: int(class_correct[i + 1, c]) / cn
+                                         for i, m in enumerate(mods)}}
     return EvalResult(
         loss=totals["loss"] / n, accuracy=totals["correct"] / n, n=n,
         unimodal={m: UnimodalScore(m, u["correct"] / n, u["prob"] / n, u["ce"] / n, n)
                   for m, u in uni.items()},
+        per_class=per_class,
     )
 
 

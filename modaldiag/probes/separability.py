@@ -1,0 +1,153 @@
+"""P3: representation separability (Diagnosing & Re-learning, ECCV 2024, Sec. 3.2).
+
+Per modality, features of the training set D and a held-out validation set V (eval mode):
+min-max scale each dimension to [-1, 1] (fitted on that set), k-means with k = number of classes
+(fixed seed, explicit ``n_init``), purity = (1/N) * sum over clusters of the count of its most
+common label. Learning-state gap ``g_m = |purity(D) - purity(V)|``.
+
+Extras: linear-probe accuracy (logistic regression on frozen train features, scored on val) and
+the silhouette of val features under the true labels. Above ``minibatch_threshold`` samples,
+MiniBatchKMeans is used; above ``max_samples`` a seeded subsample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from ..utils.validation import check_positive_int
+from ._common import contract_model, eval_mode, iterate_batches
+
+__all__ = ["Separability", "separability", "purity", "collect_features", "linear_probe_accuracy"]
+
+
+@dataclass
+class Separability:
+    """Separability of one modality's features on the train and val sets."""
+
+    modality: str
+    train_purity: float
+    val_purity: float
+    gap: float
+    linear_probe: float | None = None
+    silhouette: float | None = None
+    n_train: int = 0
+    n_val: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def collect_features(model, loader: Iterable, device=None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Encoder outputs ``{m: (N, d_m)}`` and labels ``(N,)`` over ``loader`` (eval mode)."""
+    net = contract_model(model)
+    feats: dict[str, list] = {m: [] for m in net.modalities}
+    labels = []
+    with eval_mode(net):
+        for inputs, y in iterate_batches(net, loader, device):
+            f = net.encode(inputs)
+            for m in net.modalities:
+                feats[m].append(f[m].float().flatten(1).cpu().numpy())
+            labels.append(y.cpu().numpy())
+    return {m: np.concatenate(v) for m, v in feats.items()}, np.concatenate(labels)
+
+
+def _minmax(x: np.ndarray) -> np.ndarray:
+    lo, hi = x.min(0, keepdims=True), x.max(0, keepdims=True)
+    span = np.where(hi - lo > 0, hi - lo, 1.0)
+    return 2.0 * (x - lo) / span - 1.0
+
+
+def purity(features: np.ndarray, labels: np.ndarray, num_classes: int, *, seed: int = 0,
+           n_init: int = 10, minibatch_threshold: int = 10000) -> float:
+    """k-means purity of min-max-scaled ``features`` (N, d) against ``labels`` (N,)."""
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
+    x = _minmax(np.asarray(features, dtype=np.float64))
+    k = min(num_classes, len(x))
+    if len(x) > minibatch_threshold:
+        km = MiniBatchKMeans(n_clusters=k, n_init=n_init, random_state=seed, batch_size=2048)
+    else:
+        km = KMeans(n_clusters=k, n_init=n_init, random_state=seed)
+    clusters = km.fit_predict(x)
+    total = 0
+    for c in np.unique(clusters):
+        total += np.bincount(labels[clusters == c]).max()
+    return float(total / len(labels))
+
+
+def linear_probe_accuracy(train_x, train_y, val_x, val_y, *, seed: int = 0) -> float:
+    """Accuracy on val of a logistic regression fitted on standardised train features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if len(np.unique(train_y)) < 2:
+        raise ValueError("a linear probe needs at least two classes in the training features.")
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
+    clf.fit(train_x, train_y)
+    return float(clf.score(val_x, val_y))
+
+
+def _subsample(x: dict, y: np.ndarray, max_samples: int, seed: int):
+    if len(y) <= max_samples:
+        return x, y
+    idx = np.sort(np.random.default_rng(seed).choice(len(y), max_samples, replace=False))
+    return {m: v[idx] for m, v in x.items()}, y[idx]
+
+
+def separability(
+    model,
+    train_loader: Iterable,
+    val_loader: Iterable,
+    *,
+    seed: int = 0,
+    n_init: int = 10,
+    linear_probe: bool = True,
+    silhouette: bool = True,
+    max_samples: int = 50000,
+    minibatch_threshold: int = 10000,
+    device=None,
+) -> dict[str, Separability]:
+    """k-means purity of each modality's features on train and val, and the gap.
+
+    Parameters
+    ----------
+    model : MultimodalModel
+    train_loader, val_loader : iterables of ``(inputs, labels)``
+        D and V. V must be held out from training (carve it from train; never the test set).
+    seed, n_init : int
+        k-means seed and restarts (explicit: scikit-learn changed the default in 1.4).
+    linear_probe, silhouette : bool
+        Compute the extras.
+    max_samples : int, default 50000
+        Seeded subsample above this size per set.
+
+    Returns
+    -------
+    dict[str, Separability]
+        ``{m: Separability(train_purity, val_purity, gap, linear_probe, silhouette)}``.
+    """
+    net = contract_model(model)
+    check_positive_int(n_init, "n_init")
+    k = net.num_classes
+    tx, ty = _subsample(*collect_features(net, train_loader, device), max_samples, seed)
+    vx, vy = _subsample(*collect_features(net, val_loader, device), max_samples, seed)
+    if len(np.unique(ty)) < 2:
+        raise ValueError("the training loader holds a single class; separability needs at least two.")
+    out = {}
+    for m in net.modalities:
+        p_train = purity(tx[m], ty, k, seed=seed, n_init=n_init, minibatch_threshold=minibatch_threshold)
+        p_val = purity(vx[m], vy, k, seed=seed, n_init=n_init, minibatch_threshold=minibatch_threshold)
+        lp = linear_probe_accuracy(tx[m], ty, vx[m], vy, seed=seed) if linear_probe else None
+        sil = None
+        if silhouette and len(np.unique(vy)) > 1:
+            from sklearn.metrics import silhouette_score
+
+            sil = float(silhouette_score(vx[m], vy, sample_size=min(len(vy), 2000), random_state=seed))
+        out[m] = Separability(m, p_train, p_val, abs(p_train - p_val), lp, sil, len(ty), len(vy))
+    return out

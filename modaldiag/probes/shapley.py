@@ -1,0 +1,310 @@
+"""P4: sample-level modality valuation with Shapley values (Wei et al., CVPR 2024).
+
+Players are modalities; coalition S runs the head with the modalities outside S absent (replaced
+by their baseline). Encoders run once per batch; only the head runs per coalition, and all
+coalitions of a batch go through the head in one stacked call.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..utils.validation import check_choice, check_positive_int
+from ._common import baseline_context, contract_model, eval_mode, iterate_batches
+
+__all__ = ["shapley", "ShapleyValues", "VALUE_FUNCTIONS", "coalition_masks", "shapley_weights",
+           "value_of_logits"]
+
+VALUE_FUNCTIONS = ("paper", "correct", "prob", "logit", "neg_loss")
+EXACT_MAX_M = 10
+
+
+def value_of_logits(logits: torch.Tensor, labels: torch.Tensor, sizes: torch.Tensor,
+                    value: str) -> torch.Tensor:
+    """Coalition values ``(K, B)`` from logits ``(K, B, C)``.
+
+    ``sizes`` (K,) holds |S| of each coalition. ``paper``: |S| * 1[argmax == y] (so v(empty) = 0);
+    ``correct``: 1[argmax == y]; ``prob``: softmax probability of y; ``logit``: logit of y;
+    ``neg_loss``: -CE.
+    """
+    y = labels.view(1, -1, 1).expand(logits.shape[0], -1, 1)
+    if value in ("paper", "correct"):
+        correct = (logits.argmax(-1) == labels.view(1, -1)).double()
+        return correct * sizes.view(-1, 1).double() if value == "paper" else correct
+    if value == "logit":
+        return logits.gather(-1, y).squeeze(-1).double()
+    logp = F.log_softmax(logits.double(), dim=-1).gather(-1, y).squeeze(-1)
+    return logp.exp() if value == "prob" else logp
+
+
+def coalition_masks(m: int) -> torch.Tensor:
+    """All 2^M coalitions as a BoolTensor (2^M, M); row 0 is empty, the last row is full."""
+    return torch.tensor(list(itertools.product([False, True], repeat=m)), dtype=torch.bool).flip(1)
+
+
+def shapley_weights(masks: torch.Tensor) -> torch.Tensor:
+    """Matrix W (K, M) with ``phi = v @ W`` for values ``v`` (B, K) over the coalitions ``masks``.
+
+    Coalition S gets +s!(M-s-1)!/M! (s = |S|-1) for each member and -|S|!(M-|S|-1)!/M! for each
+    non-member: the exact Shapley formula, rearranged per coalition.
+    """
+    k, m = masks.shape
+    sizes = masks.sum(1)
+    fact = [math.factorial(i) for i in range(m + 1)]
+    w = torch.zeros(k, m, dtype=torch.float64)
+    for row in range(k):
+        s = int(sizes[row])
+        if s > 0:
+            w[row, masks[row]] = fact[s - 1] * fact[m - s] / fact[m]
+        if s < m:
+            w[row, ~masks[row]] = -fact[s] * fact[m - s - 1] / fact[m]
+    return w
+
+
+@dataclass
+class ShapleyValues:
+    """Per-sample, per-modality Shapley values.
+
+    Attributes
+    ----------
+    values : Tensor (N, M), float64
+        ``values[i, j]`` is modality ``modalities[j]``'s contribution for sample i.
+    modalities : tuple[str, ...]
+    full_value, empty_value : Tensor (N,)
+        ``v(all modalities)`` and ``v(no modality)``; ``values.sum(1) == full - empty``.
+    labels, predictions : Tensor (N,)
+        True labels and the fused model's predicted class.
+    value, baseline, method : str
+        How the game was defined and solved.
+    stderr : Tensor (N, M) or None
+        Standard error of each value (permutation mode only).
+    """
+
+    values: torch.Tensor
+    modalities: tuple[str, ...]
+    full_value: torch.Tensor
+    empty_value: torch.Tensor
+    labels: torch.Tensor
+    predictions: torch.Tensor
+    value: str = "paper"
+    baseline: str = "zero"
+    method: str = "exact"
+    stderr: torch.Tensor | None = None
+    n_permutations: int | None = None
+    class_names: list[str] | None = None
+
+    def __len__(self) -> int:
+        return int(self.values.shape[0])
+
+    def __getitem__(self, index) -> ShapleyValues:
+        """Rows: ``sv[mask]``, ``sv[:100]``, ``sv[sv.labels == 3]``."""
+        def pick(t):
+            return None if t is None else t[index]
+
+        return ShapleyValues(pick(self.values), self.modalities, pick(self.full_value),
+                             pick(self.empty_value), pick(self.labels), pick(self.predictions),
+                             self.value, self.baseline, self.method, pick(self.stderr),
+                             self.n_permutations, self.class_names)
+
+    def mean(self) -> dict[str, float]:
+        """Dataset-level contribution: mean phi_m over samples."""
+        means = self.values.mean(0)
+        return {m: float(means[i]) for i, m in enumerate(self.modalities)}
+
+    def low_contribution_share(self) -> dict[str, float]:
+        """Share of samples where modality m is low-contributing: ``phi_m < v(all) / M``."""
+        fair = (self.full_value / len(self.modalities)).unsqueeze(1)
+        low = (self.values < fair).double().mean(0)
+        return {m: float(low[i]) for i, m in enumerate(self.modalities)}
+
+    def imbalance_degree(self) -> float:
+        """Spread of dataset-level contributions: ``sum_{i<j} |phi_i - phi_j| / ((M-1) sum |phi|)``.
+
+        0 when every modality contributes equally, 1 when one modality contributes everything.
+        For M = 2 it is ``|phi_a - phi_b| / (|phi_a| + |phi_b|)``.
+        """
+        phi = self.values.mean(0)
+        m = len(self.modalities)
+        total = float(phi.abs().sum())
+        if total == 0:
+            return 0.0
+        spread = sum(abs(float(phi[i] - phi[j])) for i in range(m) for j in range(i + 1, m))
+        return spread / ((m - 1) * total)
+
+    def per_class(self) -> dict[int, dict[str, float]]:
+        """Mean phi_m per true class."""
+        out = {}
+        for c in torch.unique(self.labels).tolist():
+            sel = self.values[self.labels == c].mean(0)
+            out[int(c)] = {m: float(sel[i]) for i, m in enumerate(self.modalities)}
+        return out
+
+    @property
+    def dominant(self) -> str:
+        means = self.mean()
+        return max(means, key=means.get)
+
+    @property
+    def weakest(self) -> str:
+        means = self.mean()
+        return min(means, key=means.get)
+
+    def to_shap(self):
+        """A ``shap.Explanation`` (values, base_values = v(empty), feature_names = modalities).
+
+        ``data`` holds the values too, so beeswarm colours points by contribution.
+        """
+        import shap
+
+        vals = self.values.numpy()
+        return shap.Explanation(values=vals, base_values=self.empty_value.numpy(), data=vals.copy(),
+                                feature_names=list(self.modalities))
+
+    def to_dict(self, per_sample: bool = False) -> dict:
+        out = {"modalities": list(self.modalities), "value": self.value, "baseline": self.baseline,
+               "method": self.method, "n": len(self), "mean": self.mean(),
+               "low_contribution_share": self.low_contribution_share(),
+               "imbalance_degree": self.imbalance_degree(),
+               "mean_full_value": float(self.full_value.mean()),
+               "mean_empty_value": float(self.empty_value.mean())}
+        if self.stderr is not None:
+            out["mean_stderr"] = {m: float(self.stderr[:, i].mean())
+                                  for i, m in enumerate(self.modalities)}
+            out["n_permutations"] = self.n_permutations
+        if per_sample:
+            out["values"] = self.values.tolist()
+            out["labels"] = self.labels.tolist()
+        return out
+
+    def __repr__(self) -> str:
+        means = ", ".join(f"{m}={v:.3f}" for m, v in self.mean().items())
+        return f"ShapleyValues(n={len(self)}, value={self.value!r}, method={self.method!r}, mean: {means})"
+
+
+def _permutation_masks(m: int, n_pairs: int, gen: torch.Generator):
+    """Prefix coalitions of ``n_pairs`` antithetic permutation pairs.
+
+    Returns ``perms`` (P, M) and ``prefix`` (P, M+1, M) bool: ``prefix[p, j]`` holds the first j
+    players of permutation p.
+    """
+    perms = torch.stack([torch.randperm(m, generator=gen) for _ in range(n_pairs)])
+    perms = torch.cat([perms, perms.flip(1)])  # antithetic: each permutation and its reverse
+    p = perms.shape[0]
+    prefix = torch.zeros(p, m + 1, m, dtype=torch.bool)
+    for j in range(1, m + 1):
+        prefix[:, j] = prefix[:, j - 1]
+        prefix[torch.arange(p), j, perms[:, j - 1]] = True
+    return perms, prefix
+
+
+@torch.no_grad()
+def shapley(
+    model,
+    loader: Iterable,
+    value: str | Callable = "paper",
+    baseline: str = "zero",
+    method: str = "auto",
+    *,
+    n_permutations: int = 64,
+    seed: int = 0,
+    baseline_loader: Iterable | None = None,
+    max_rows: int = 65536,
+    device=None,
+    progress: bool = False,
+) -> ShapleyValues:
+    """Shapley value of every modality for every sample of ``loader``.
+
+    Parameters
+    ----------
+    model : MultimodalModel
+        Run in eval mode; its state is restored afterwards.
+    loader : iterable of ``(inputs, labels)``
+    value : {"paper", "correct", "prob", "logit", "neg_loss"} or callable, default "paper"
+        Coalition value. ``paper`` is ``|S| * 1[argmax H(S) == y]`` (CVPR 2024): contributions of a
+        correctly classified sample sum to M and a balanced sample has ``phi_m = 1``. A callable
+        gets ``(logits (K, B, C), labels (B,), sizes (K,))`` and returns ``(K, B)``.
+    baseline : {"zero", "mean"}, default "zero"
+        What an absent modality's feature becomes. ``mean`` uses the model's stored mean baseline
+        or the mean over ``baseline_loader`` (pass the training loader).
+    method : {"auto", "exact", "permutation"}, default "auto"
+        ``exact`` enumerates all 2^M coalitions (efficiency holds to float64 precision);
+        ``permutation`` averages marginal contributions over ``2 * n_permutations`` permutations
+        (antithetic pairs, shared by the samples of a batch) and reports a standard error;
+        ``auto`` is exact for M <= 10.
+    n_permutations : int, default 64
+        Antithetic pairs per batch in permutation mode.
+    max_rows : int, default 65536
+        Rows per stacked head call (bounds memory).
+
+    Returns
+    -------
+    ShapleyValues
+    """
+    net = contract_model(model)
+    if not callable(value):
+        check_choice(value, VALUE_FUNCTIONS, "value")
+    check_choice(method, ("auto", "exact", "permutation"), "method")
+    check_positive_int(n_permutations, "n_permutations")
+    m = len(net.modalities)
+    if method == "auto":
+        method = "exact" if m <= EXACT_MAX_M else "permutation"
+    value_fn = value if callable(value) else (lambda lg, y, s: value_of_logits(lg, y, s, value))
+    gen = torch.Generator().manual_seed(seed)
+
+    if method == "exact":
+        masks = coalition_masks(m)
+        weights = shapley_weights(masks)
+        sizes = masks.sum(1)
+
+    vals, fulls, empties, labels_all, preds, errs = [], [], [], [], [], []
+    with eval_mode(net), baseline_context(net, baseline, baseline_loader):
+        batches = iterate_batches(net, loader, device)
+        for inputs, labels in tqdm(batches, desc="shapley", unit="batch", disable=not progress,
+                                   leave=False):
+            feats = net.encode(inputs)
+            if method == "exact":
+                logits = net.head_coalitions(feats, masks, max_rows=max_rows)
+                v = value_fn(logits, labels, sizes.to(labels.device)).double()  # (K, B)
+                phi = v.T @ weights.to(v.device)
+                full, empty, pred = v[-1], v[0], logits[-1].argmax(-1)
+            else:
+                phi, err, full, empty, pred = _permutation_batch(
+                    net, feats, labels, value_fn, m, n_permutations, gen, max_rows)
+                errs.append(err.cpu())
+            vals.append(phi.cpu())
+            fulls.append(full.cpu())
+            empties.append(empty.cpu())
+            labels_all.append(labels.cpu())
+            preds.append(pred.cpu())
+    return ShapleyValues(
+        torch.cat(vals), net.modalities, torch.cat(fulls), torch.cat(empties), torch.cat(labels_all),
+        torch.cat(preds), value if isinstance(value, str) else getattr(value, "__name__", "custom"),
+        baseline, method, torch.cat(errs) if errs else None,
+        2 * n_permutations if method == "permutation" else None,
+    )
+
+
+def _permutation_batch(net, feats, labels, value_fn, m, n_pairs, gen, max_rows):
+    perms, prefix = _permutation_masks(m, n_pairs, gen)
+    p = perms.shape[0]
+    flat = prefix.reshape(-1, m)
+    unique, inverse = torch.unique(flat, dim=0, return_inverse=True)
+    logits = net.head_coalitions(feats, unique, max_rows=max_rows)
+    sizes = unique.sum(1).to(labels.device)
+    v_unique = value_fn(logits, labels, sizes).double()  # (U, B)
+    v = v_unique[inverse.to(v_unique.device)].view(p, m + 1, -1)  # (P, M+1, B)
+    marginal = v[:, 1:] - v[:, :-1]  # (P, M, B): contribution of the j-th player of perm p
+    contrib = torch.zeros(p, m, v.shape[-1], dtype=torch.float64, device=v.device)
+    contrib.scatter_(1, perms.to(v.device).unsqueeze(-1).expand(-1, -1, v.shape[-1]), marginal)
+    pairs = (contrib[:n_pairs] + contrib[n_pairs:]) / 2  # antithetic pair means, independent
+    phi = pairs.mean(0).T  # (B, M)
+    err = (pairs.std(0, unbiased=True) / math.sqrt(n_pairs)).T if n_pairs > 1 else torch.full_like(phi, float("nan"))
+    full_index = int(inverse.view(p, m + 1)[0, m])
+    return phi, err, v[0, m], v[0, 0], logits[full_index].argmax(-1)
