@@ -143,7 +143,7 @@ def test_dummy_modality_through_a_real_model():
                                     film_target="m1")
     x = {"m0": torch.randn(10, 5), "m1": torch.randn(10, 2), "m2": torch.randn(10, 3)}
     sv = md.shapley(model, [(x, torch.arange(10) % 3)], value="logit")
-    assert torch.all(sv.values[:, 1] == 0)
+    assert sv.values[:, 1].abs().max() < 1e-12  # dummy, up to float64 rounding
     assert sv.values[:, 0].abs().sum() > 0 and sv.values[:, 2].abs().sum() > 0
 
 
