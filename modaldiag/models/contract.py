@@ -151,6 +151,9 @@ class MultimodalModel(nn.Module):
             )
         first = features[self.modalities[0]]
         batch = first.shape[0]
+        fast = self.fuse_coalitions(features, masks.to(first.device))
+        if fast is not None:
+            return fast
         per_call = max(1, max_rows // max(batch, 1))
         out = []
         for start in range(0, masks.shape[0], per_call):
@@ -165,6 +168,20 @@ class MultimodalModel(nn.Module):
             logits = self.fuse(stacked)
             out.append(logits.reshape(k, batch, -1))
         return torch.cat(out, dim=0)
+
+    def fuse_coalitions(self, features: Mapping[str, torch.Tensor],
+                        masks: torch.Tensor) -> torch.Tensor | None:
+        """Optional fast path of :meth:`head_coalitions` for heads with exploitable structure.
+
+        Return logits ``(K, B, C)`` or None to use the generic stacked evaluation. The default
+        delegates to ``self.fusion.coalitions(features, absent, masks)`` when the fusion module
+        defines it (the additive ``concat`` and ``late`` heads do).
+        """
+        fusion = getattr(self, "fusion", None)
+        if fusion is None or not hasattr(fusion, "coalitions"):
+            return None
+        absent = {m: self.absent_feature(m, f) for m, f in features.items()}
+        return fusion.coalitions(features, absent, masks)
 
     def forward(
         self, inputs: Mapping[str, torch.Tensor], present: Iterable[str] | str | None = None

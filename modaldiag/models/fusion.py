@@ -39,6 +39,16 @@ class _Fusion(nn.Module):
         return torch.cat([features[m] for m in names], dim=-1)
 
 
+def _additive_coalitions(terms, absent_terms, bias, masks):
+    """Logits ``(K, B, C)`` of an additive head: ``bias + sum_m (present ? t_m : absent_m)``."""
+    out = None
+    for i, (t, a) in enumerate(zip(terms, absent_terms, strict=True)):
+        keep = masks[:, i].view(-1, 1, 1)
+        part = torch.where(keep, t.unsqueeze(0), a.unsqueeze(0))
+        out = part if out is None else out + part
+    return out + bias if bias is not None else out
+
+
 class ConcatFusion(_Fusion):
     """Concatenate features, one linear layer (the published audio-visual baseline)."""
 
@@ -48,6 +58,13 @@ class ConcatFusion(_Fusion):
 
     def forward(self, features):
         return self.fc(self._cat(features))
+
+    def coalitions(self, features, absent, masks):
+        """Fast exact path for many coalitions: the head is additive over modalities."""
+        weights = self.fc.weight.split([self.feature_dims[m] for m in self.modalities], dim=1)
+        terms = [features[m] @ w.T for m, w in zip(self.modalities, weights, strict=True)]
+        absent_terms = [absent[m] @ w.T for m, w in zip(self.modalities, weights, strict=True)]
+        return _additive_coalitions(terms, absent_terms, self.fc.bias, masks)
 
 
 class SumFusion(_Fusion):
@@ -76,6 +93,12 @@ class LateFusion(_Fusion):
 
     def forward(self, features):
         return sum(self.heads[m](features[m]) for m in self.modalities)
+
+    def coalitions(self, features, absent, masks):
+        """Fast exact path for many coalitions: per-modality logits, combined per coalition."""
+        terms = [self.heads[m](features[m]) for m in self.modalities]
+        absent_terms = [self.heads[m](absent[m]) for m in self.modalities]
+        return _additive_coalitions(terms, absent_terms, None, masks)
 
 
 class FiLMFusion(_Fusion):

@@ -2,7 +2,13 @@
 
 from .diagnose import Diagnosis, Evidence, diagnose, under_optimisation
 from .fisher import FISHER_FORMS, FisherMonitor, fisher_trace, grad_sq_norms
-from .separability import Separability, collect_features, linear_probe_accuracy, purity, separability
+from .separability import (
+    Separability,
+    collect_features,
+    linear_probe_accuracy,
+    purity,
+    separability,
+)
 from .shapley import VALUE_FUNCTIONS, ShapleyValues, coalition_masks, shapley, shapley_weights
 from .unimodal import EvalResult, UnimodalScore, evaluate, inforeg_gap, ogm_ratio, unimodal_scores
 from .window import LearningWindow, learning_window, window_state

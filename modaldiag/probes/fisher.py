@@ -167,12 +167,14 @@ def _per_sample_sq_norms(net, inputs, labels, chunk_size) -> dict[str, torch.Ten
     """``{m: (B,)}`` squared norms of per-sample gradients w.r.t. encoder m (vectorised)."""
     from torch.func import functional_call, grad, vmap
 
-    enc_names = {m: [f"encoders.{m}.{n}" for n, p in net.encoders[m].named_parameters()
-                     if p.requires_grad] for m in net.modalities}
-    all_params = dict(net.named_parameters(remove_duplicate=False))
-    buffers = dict(net.named_buffers(remove_duplicate=False))
-    trainable = {n: all_params[n].detach() for m in net.modalities for n in enc_names[m]}
-    frozen = {n: p.detach() for n, p in all_params.items() if n not in trainable}
+    # Names from the de-duplicated parameter list, matched to modalities by identity: a wrapped
+    # model reaches the same parameter under two paths, and functional_call must see it once.
+    owner = {id(p): m for m in net.modalities for p in net.encoders[m].parameters() if p.requires_grad}
+    named = dict(net.named_parameters())
+    enc_names = {m: [n for n, p in named.items() if owner.get(id(p)) == m] for m in net.modalities}
+    buffers = dict(net.named_buffers())
+    trainable = {n: named[n].detach() for m in net.modalities for n in enc_names[m]}
+    frozen = {n: p.detach() for n, p in named.items() if n not in trainable}
 
     def loss_one(params, x, y):
         batch = {m: t.unsqueeze(0) for m, t in x.items()}
