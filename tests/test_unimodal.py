@@ -1,0 +1,33 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_inputs, make_model
+
+import modaldiag as md
+from modaldiag.probes import inforeg_gap, ogm_ratio
+
+
+def test_ogm_ratio_and_inforeg_gap_closed_forms():
+    s = {"a": 0.9, "b": 0.3, "c": 0.6}
+    r = ogm_ratio(s)
+    assert r["a"] == pytest.approx(0.9 / 0.45) and r["b"] == pytest.approx(0.3 / 0.75)
+    assert ogm_ratio({"a": 2.0, "v": 1.0}) == {"a": 2.0, "v": 0.5}  # two modalities: s_a / s_v
+    g = inforeg_gap(s)
+    assert g["a"] == pytest.approx(((0.9 - 0.3) + (0.9 - 0.6)) / 2)
+    assert g["c"] == pytest.approx(0.3) and g["b"] == 0.0
+
+
+def test_unimodal_scores_match_manual_computation():
+    model = make_model(3, "film").eval()
+    x = make_inputs(model, batch=17)
+    y = torch.arange(17) % 3
+    loader = [({k: v[:9] for k, v in x.items()}, y[:9]), ({k: v[9:] for k, v in x.items()}, y[9:])]
+    scores = md.unimodal_scores(model, loader)
+    with torch.no_grad():
+        feats = model.encode(x)
+        for m in model.modalities:
+            logits = model.head(feats, present=(m,))
+            assert scores[m].accuracy == pytest.approx(float((logits.argmax(1) == y).float().mean()))
+            p = F.softmax(logits, 1).gather(1, y[:, None]).mean()
+            assert scores[m].true_prob == pytest.approx(float(p), rel=1e-5)
+            assert scores[m].cross_entropy == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)
