@@ -6,7 +6,7 @@
 >>> history = md.fit(model, data.train.loader(64, shuffle=True), data.val.loader(256), epochs=20)
 """
 
-from . import datasets, models, probes, report, training
+from . import datasets, models, probes, regulators, report, training
 from .models import MultimodalClassifier, MultimodalModel, wrap
 from .probes import (
     diagnose,
@@ -16,12 +16,14 @@ from .probes import (
     shapley,
     unimodal_scores,
 )
+from .regulators import OGM, OPM, InfoReg, MMPareto, Regulator, Relearning, ValuationResampling
 from .report import plots as plot
-from .training import Callback, History, StepContext, fit
+from .training import Callback, History, Regulation, StepContext, fit
 
 __version__ = "0.1.0"
 
 __all__ = ["MultimodalClassifier", "MultimodalModel", "wrap", "datasets", "models", "probes",
            "training", "report", "plot", "fit", "History", "Callback", "StepContext",
            "unimodal_scores", "shapley", "fisher_trace", "separability", "diagnose",
-           "learning_window", "__version__"]
+           "learning_window", "regulators", "Regulator", "InfoReg", "Relearning", "OGM", "OPM",
+           "MMPareto", "ValuationResampling", "Regulation", "__version__"]

@@ -50,7 +50,8 @@ class FisherMonitor(Callback):
     """Online Fisher trace ("batch" form): per epoch, the sum over batches of the squared
     mini-batch gradient norm of each encoder, divided by the number of batches.
 
-    It reads gradients right after backward (before any regulator modulates them) and logs
+    It reads the gradients once per optimizer step, before any regulator modulates them (it runs
+    first), after AMP unscaling and gradient accumulation, and logs
     ``fisher.<m>`` per epoch. It underestimates the per-sample trace by about the gradient-noise
     term; use :func:`modaldiag.fisher_trace` with ``per_sample=True`` for the exact form.
     """
@@ -65,7 +66,7 @@ class FisherMonitor(Callback):
         self._batches = 0
 
     @torch.no_grad()
-    def on_after_backward(self, ctx: StepContext) -> None:
+    def on_before_optimizer_step(self, ctx: StepContext) -> None:
         for m in ctx.model.modalities:
             grads = [p.grad for p in ctx.model.encoders[m].parameters() if p.grad is not None]
             if not grads:

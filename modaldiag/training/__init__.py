@@ -1,7 +1,8 @@
 """Training: the reference loop ``fit``, its hook points and the ``History`` it records."""
 
 from .callbacks import Callback, StepContext
-from .fit import default_optimizer, fit, train_one_epoch
+from .fit import default_optimizer, fit
 from .history import History
+from .loop import Regulation
 
-__all__ = ["fit", "History", "Callback", "StepContext", "default_optimizer", "train_one_epoch"]
+__all__ = ["fit", "History", "Callback", "StepContext", "Regulation", "default_optimizer"]

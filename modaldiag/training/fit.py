@@ -4,55 +4,27 @@ from __future__ import annotations
 
 import copy
 import time
-import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..models.contract import MultimodalModel
 from ..utils.io import atomic_torch_save, safe_torch_load
-from ..utils.torch_utils import (
-    resolve_device,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-    to_device,
-    unwrap,
-)
-from ..utils.validation import (
-    check_choice,
-    check_finite,
-    check_inputs,
-    check_labels,
-    check_positive_int,
-)
-from .callbacks import Callback, StepContext
+from ..utils.torch_utils import resolve_device, rng_state, seed_everything, set_rng_state, unwrap
+from ..utils.validation import check_choice, check_positive_int
+from .callbacks import Callback
 from .history import History
+from .loop import Regulation
 
-__all__ = ["fit", "default_optimizer", "train_one_epoch"]
+__all__ = ["fit", "default_optimizer"]
 
 
 def default_optimizer(model: torch.nn.Module, lr: float = 0.01, momentum: float = 0.9,
                       weight_decay: float = 1e-4) -> torch.optim.Optimizer:
     """SGD with momentum 0.9, the optimiser of the published audio-visual baselines."""
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-
-def _as_callbacks(regulator, callbacks) -> list[Callback]:
-    out: list[Callback] = []
-    for item in ([] if regulator is None else regulator if isinstance(regulator, (list, tuple)) else [regulator]):
-        out.append(item)
-    out.extend(callbacks or ())
-    for cb in out:
-        if not isinstance(cb, Callback):
-            raise TypeError(f"regulators and callbacks must be modaldiag Callbacks; got {type(cb).__name__}.")
-    owners = [cb.name for cb in out if type(cb).backward is not Callback.backward]
-    if len(owners) > 1:
-        raise ValueError(f"{owners} each run their own backward pass; they cannot be combined.")
-    return out
 
 
 def _label_classes(loader) -> set[int] | None:
@@ -62,83 +34,6 @@ def _label_classes(loader) -> set[int] | None:
     if isinstance(labels, torch.Tensor):
         return set(torch.unique(labels).tolist())
     return None
-
-
-def _diagnose_nonfinite(ctx: StepContext, where: str) -> str:
-    for m, x in (ctx.inputs or {}).items():
-        if x.is_floating_point() and not torch.isfinite(x).all():
-            return f"{where}: input of modality {m!r} contains NaN/inf"
-    for m, f in (ctx.features or {}).items():
-        if not torch.isfinite(f).all():
-            return f"{where}: features of modality {m!r} contain NaN/inf"
-    bad = [k for k, v in ctx.losses.items() if not torch.isfinite(v).all()]
-    return f"{where}: loss term(s) {bad or ['total']}"
-
-
-def train_one_epoch(ctx: StepContext, loader: Iterable, callbacks: Sequence[Callback], *,
-                    unimodal_loss_weight: float = 0.0, on_nonfinite: str = "raise",
-                    max_grad_norm: float | None = None, progress=None) -> dict:
-    """One epoch of the reference step (see :mod:`modaldiag.training.callbacks`)."""
-    model, optimizer, net = ctx.model, ctx.optimizer, ctx.ddp_model or ctx.model
-    need_uni = unimodal_loss_weight > 0 or any(cb.needs_unimodal_logits for cb in callbacks)
-    backward_owner = next((cb for cb in callbacks if type(cb).backward is not Callback.backward), None)
-    total_loss, correct, seen, skipped = 0.0, 0, 0, 0
-    classes: set[int] = set()
-    net.train()
-    for b, (inputs, labels) in enumerate(loader):
-        size = check_inputs(inputs, model.modalities, batch_index=b)
-        labels = check_labels(labels, model.num_classes, batch_size=size, batch_index=b)
-        ctx.batch_index = b
-        ctx.inputs, ctx.labels = to_device(inputs, ctx.device), labels.to(ctx.device)
-        ctx.unimodal_logits, ctx.losses, ctx.loss = None, {}, None
-        for cb in callbacks:
-            cb.on_train_batch_start(ctx)
-        features = model.encode(ctx.inputs)
-        for cb in callbacks:
-            features = cb.transform_features(features, ctx)
-        ctx.features = features
-        ctx.logits = model.head(features)
-        ctx.losses["multimodal"] = F.cross_entropy(ctx.logits, ctx.labels)
-        if need_uni:
-            uni = ctx.compute_unimodal_logits()
-            if unimodal_loss_weight > 0:
-                for m, lg in uni.items():
-                    ctx.losses[f"unimodal/{m}"] = unimodal_loss_weight * F.cross_entropy(lg, ctx.labels)
-        for cb in callbacks:
-            cb.on_after_forward(ctx)
-        ctx.loss = sum(ctx.losses.values())
-        if not torch.isfinite(ctx.loss):
-            where = _diagnose_nonfinite(ctx, f"epoch {ctx.epoch}, batch {b}")
-            if on_nonfinite == "raise":
-                check_finite(ctx.loss, f"the training loss ({where})")
-            warnings.warn(f"skipping a batch with a non-finite loss ({where}).", stacklevel=2)
-            skipped += 1
-            continue
-        optimizer.zero_grad(set_to_none=True)
-        if backward_owner is None or not backward_owner.backward(ctx):
-            ctx.loss.backward()
-        for cb in callbacks:
-            cb.on_after_backward(ctx)
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        for cb in callbacks:
-            cb.on_before_optimizer_step(ctx)
-        optimizer.step()
-        for cb in callbacks:
-            cb.on_train_batch_end(ctx)
-        ctx.step += 1
-        total_loss += float(ctx.losses["multimodal"].detach()) * size
-        correct += int((ctx.logits.detach().argmax(1) == ctx.labels).sum())
-        seen += size
-        classes.update(ctx.labels.unique().tolist())
-        if progress is not None:
-            progress.update(1)
-    if seen == 0 and skipped == 0:
-        raise ValueError("the training loader yielded no batches (empty loader).")
-    if seen == 0:
-        raise ValueError(f"every batch of epoch {ctx.epoch} had a non-finite loss and was skipped.")
-    return {"loss": total_loss / seen, "acc": correct / seen, "n": seen, "skipped": skipped,
-            "classes": classes}
 
 
 def fit(
@@ -227,20 +122,21 @@ def fit(
         raise ValueError(f"the training data hold a single class {sorted(classes)}; a classifier "
                          "needs at least two.")
 
-    from ..probes.fisher import FisherMonitor
     from ..probes.unimodal import evaluate
 
-    cbs = ([FisherMonitor()] if monitor else []) + _as_callbacks(regulator, callbacks)
+    run = Regulation(model, optimizer, regulator, monitor=monitor, callbacks=callbacks,
+                     unimodal_loss_weight=unimodal_loss_weight, on_nonfinite=on_nonfinite,
+                     device=dev)
     history = History(net.modalities, config={
         "epochs": epochs, "seed": seed, "optimizer": type(optimizer).__name__,
-        "lr": optimizer.param_groups[0].get("lr"), "regulators": [cb.name for cb in cbs],
+        "lr": optimizer.param_groups[0].get("lr"),
+        "regulators": [repr(cb) if hasattr(cb, "config") else cb.name for cb in run.callbacks],
         "unimodal_loss_weight": unimodal_loss_weight, "fusion": getattr(net, "fusion_type", None),
         "modalities": list(net.modalities), "num_classes": net.num_classes,
         "baseline": net.baseline_kind, "device": str(dev),
     })
-    ctx = StepContext(model=net, optimizer=optimizer, train_loader=train_loader,
-                      val_loader=val_loader, device=dev, history=history, epochs=epochs,
-                      ddp_model=model if model is not net else None)
+    ctx = run.ctx
+    ctx.history = history
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     start_epoch, best_score, best_state = 0, -float("inf"), None
     if resume and ckpt is not None and (ckpt / "last.pt").exists():
@@ -249,40 +145,49 @@ def fit(
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
-        for i, cb in enumerate(cbs):
-            cb.load_state_dict(state["callbacks"].get(f"{i}:{cb.name}", {}))
+        run.load_state_dict(state["regulation"])
         history = History.from_dict(state["history"])
         ctx.history = history
-        start_epoch, ctx.step = int(state["epoch"]), int(state["step"])
+        start_epoch = int(state["epoch"])
         best_score = float(state.get("best_score", -float("inf")))
         if (ckpt / "best.pt").exists():
             best_state = safe_torch_load(ckpt / "best.pt", map_location=dev)
         set_rng_state(state["rng"])
 
-    for cb in cbs:
-        cb.on_fit_start(ctx)
+    run.start(train_loader, val_loader, epochs)
     bar = tqdm(total=epochs, initial=start_epoch, desc="fit", unit="epoch", disable=not progress,
                leave=False)
     seen_classes: set[int] = set()
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
-        ctx.epoch, ctx.logs = epoch, {}
-        for cb in cbs:
-            cb.on_train_epoch_start(ctx)
-        loader = next((ld for cb in cbs if (ld := cb.train_loader(ctx)) is not None), train_loader)
-        train = train_one_epoch(ctx, loader, cbs, unimodal_loss_weight=unimodal_loss_weight,
-                                on_nonfinite=on_nonfinite, max_grad_norm=max_grad_norm)
-        seen_classes |= train.pop("classes")
+        loader = run.epoch_start(epoch, train_loader)
+        model.train()
+        for inputs, labels in loader:
+            optimizer.zero_grad(set_to_none=True)
+            if run.backward(inputs, labels) is None:
+                continue
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm)
+            optimizer.step()
+            run.batch_end()
+        stats = run.epoch_stats
+        if stats["n"] == 0:
+            if stats["skipped"]:
+                raise ValueError(f"every batch of epoch {epoch} had a non-finite loss and was skipped.")
+            raise ValueError("the training loader yielded no batches (empty loader).")
+        seen_classes |= stats["classes"]
         if epoch == start_epoch and classes is None and len(seen_classes) < 2:
             raise ValueError(f"the training data hold a single class {sorted(seen_classes)}; a "
                              "classifier needs at least two.")
-        for cb in cbs:
-            cb.on_train_epoch_end(ctx)
-        record = {"epoch": epoch, "train": train, "lr": optimizer.param_groups[0].get("lr")}
+        logs = run.epoch_end()
+        record = {"epoch": epoch,
+                  "train": {"loss": stats["loss"] / stats["n"], "acc": stats["correct"] / stats["n"],
+                            "n": stats["n"], "skipped": stats["skipped"]},
+                  "lr": optimizer.param_groups[0].get("lr")}
         if val_loader is not None:
             val = evaluate(net, val_loader, device=dev).to_dict()
             record["val"] = val
-            for cb in cbs:
+            for cb in run.callbacks:
                 cb.on_validation_end(ctx, val)
             if val["acc"] > best_score:
                 best_score = val["acc"]
@@ -292,24 +197,22 @@ def fit(
                     atomic_torch_save(best_state, ckpt / "best.pt")
         if scheduler is not None:
             scheduler.step()
-        record.update(ctx.logs)
+        record.update(logs)
         record["time_s"] = time.perf_counter() - t0
         history.append(record)
         if ckpt is not None:
             atomic_torch_save({
-                "epoch": epoch + 1, "step": ctx.step, "model": net.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "epoch": epoch + 1, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "callbacks": {f"{i}:{cb.name}": cb.state_dict() for i, cb in enumerate(cbs)},
-                "history": history.to_dict(), "rng": rng_state(), "best_score": best_score,
+                "regulation": run.state_dict(), "history": history.to_dict(), "rng": rng_state(),
+                "best_score": best_score,
             }, ckpt / "last.pt")
             history.save(ckpt / "history.json")
-        bar.set_postfix(loss=f"{train['loss']:.3f}",
+        bar.set_postfix(loss=f"{record['train']['loss']:.3f}",
                         val_acc=f"{record['val']['acc']:.3f}" if "val" in record else "-")
         bar.update(1)
     bar.close()
-    for cb in cbs:
-        cb.on_fit_end(ctx)
+    run.end()
     if restore_best and best_state is not None:
         net.load_state_dict(best_state["model"])
         history.meta["restored_epoch"] = best_state["epoch"]

@@ -1,0 +1,127 @@
+"""Methods quality: joint training vs every regulator on real and synthetic data.
+
+Same split, budget (epochs), optimiser, encoders and augmentation (none) for every method; model
+selection on the validation split only; numbers on the test split. Each finished run is cached
+atomically in benchmarks/results/method_runs.json, so an interrupted benchmark resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import modaldiag as md
+from modaldiag.utils.io import atomic_write_json
+
+from .common import Table
+
+CACHE = Path(__file__).resolve().parent / "results" / "method_runs.json"
+
+DATASETS = {  # name: (epochs, batch size, weak modality shown)
+    "synthetic": (30, 64, "b"),
+    "mfeat-fou-pix": (30, 64, "fou"),
+    "mfeat-zer-fac": (30, 64, "zer"),
+    "mfeat": (30, 64, None),
+    "hapt": (12, 64, "gyro"),
+}
+
+
+def methods(epochs: int) -> dict:
+    every = max(1, epochs // 3)
+    return {
+        "joint": lambda: None,
+        "InfoReg": lambda: md.InfoReg(),
+        "InfoReg*": lambda: md.InfoReg(unimodal_loss=True),
+        "Re-learning": lambda: md.Relearning(every=every, max_resets=2),
+        "OGM-GE": lambda: md.OGM(alpha=0.8, noise=True),
+        "OPM": lambda: md.OPM(),
+        "MMPareto": lambda: md.MMPareto(),
+        "Valuation (sample)": lambda: md.ValuationResampling("sample", warmup=min(5, epochs // 4)),
+        "Valuation (modality)": lambda: md.ValuationResampling("modality", warmup=min(5, epochs // 4)),
+    }
+
+
+def _data(name: str):
+    if name == "synthetic":
+        return md.datasets.synthetic(n_samples=2000, num_classes=6, strength={"a": 2.0, "b": 0.8},
+                                     dims={"a": 32, "b": 32}, seed=0)
+    return md.datasets.load(name)
+
+
+def _load_cache() -> dict:
+    if CACHE.exists():
+        return json.loads(CACHE.read_text())
+    return {}
+
+
+def run_one(name: str, method: str, seed: int, epochs: int, batch_size: int) -> dict:
+    data = _data(name)
+    torch.manual_seed(seed)
+    model = md.models.default_model(data)
+    t0 = time.perf_counter()
+    md.fit(model, data.train.loader(batch_size, shuffle=True), data.val.loader(512), epochs=epochs,
+           regulator=methods(epochs)[method](), seed=seed, progress=False)
+    seconds = time.perf_counter() - t0
+    ev = md.probes.evaluate(model, data.test.loader(512))
+    return {"test_acc": ev.accuracy, "unimodal": {m: s.accuracy for m, s in ev.unimodal.items()},
+            "seconds": seconds}
+
+
+def _paired(diffs: list[float]) -> tuple[float, float]:
+    """Mean paired difference and the two-sided p-value of a paired t-test."""
+    from scipy import stats
+
+    d = np.asarray(diffs)
+    if len(d) < 2 or np.allclose(d, d[0]):
+        return float(d.mean()), float("nan")
+    return float(d.mean()), float(stats.ttest_1samp(d, 0.0).pvalue)
+
+
+def _fmt(values: list[float]) -> str:
+    return f"{100 * np.mean(values):.1f} ± {100 * np.std(values, ddof=1 if len(values) > 1 else 0):.1f}"
+
+
+def run(quick: bool = False, seeds: int | None = None) -> list[Table]:
+    n_seeds = seeds or (2 if quick else 5)
+    datasets = {k: v for k, v in DATASETS.items() if not quick or k in ("synthetic", "mfeat-fou-pix")}
+    cache = _load_cache()
+    tables = []
+    for name, (epochs, bs, weak) in datasets.items():
+        if quick:
+            epochs = max(4, epochs // 3)
+        runs: dict[str, list[dict]] = {}
+        for method in methods(epochs):
+            for seed in range(n_seeds):
+                key = f"{name}|{method}|{seed}|{epochs}"
+                if key not in cache:
+                    cache[key] = run_one(name, method, seed, epochs, bs)
+                    atomic_write_json(CACHE, cache)
+                runs.setdefault(method, []).append(cache[key])
+        mods = list(runs["joint"][0]["unimodal"])
+        shown = weak or min(mods, key=lambda m: np.mean([r["unimodal"][m] for r in runs["joint"]]))
+        table = Table(
+            f"{name}: {epochs} epochs, {n_seeds} seeds (test accuracy %, mean ± std; Δ = paired "
+            f"difference to joint training, p = paired t-test)",
+            ["method", "fused", "Δ fused", "p", f"{shown} (weak) unimodal", f"Δ {shown}", "p ",
+             "unimodal, all modalities (mean)", "s/run"],
+        )
+        base = runs["joint"]
+        for method, rs in runs.items():
+            fused = [r["test_acc"] for r in rs]
+            weak_acc = [r["unimodal"][shown] for r in rs]
+            d_f, p_f = _paired([a["test_acc"] - b["test_acc"] for a, b in zip(rs, base, strict=True)])
+            d_w, p_w = _paired([a["unimodal"][shown] - b["unimodal"][shown]
+                                for a, b in zip(rs, base, strict=True)])
+            all_uni = ", ".join(f"{m} {100 * np.mean([r['unimodal'][m] for r in rs]):.0f}" for m in mods)
+            fmt_p = (lambda p: "—" if method == "joint" or math.isnan(p) else f"{p:.3f}")
+            table.rows.append([method, _fmt(fused), "—" if method == "joint" else f"{100 * d_f:+.1f}",
+                               fmt_p(p_f), _fmt(weak_acc),
+                               "—" if method == "joint" else f"{100 * d_w:+.1f}", fmt_p(p_w), all_uni,
+                               float(np.mean([r["seconds"] for r in rs]))])
+        tables.append(table)
+    return tables

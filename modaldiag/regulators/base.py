@@ -1,0 +1,95 @@
+"""The base class of every intervention, and what all of them share.
+
+A regulator is a :class:`~modaldiag.training.Callback` with a few helpers:
+
+- ``record(key, {m: value})`` accumulates per-step coefficients; their epoch means land in the
+  History record under ``regulator.<key>.<m>`` (so every applied coefficient is logged);
+- ``all_reduce_sum(t)`` sums a statistic over DDP ranks (a no-op without a process group), so
+  every rank derives the same coefficient from the same numbers;
+- ``conflicts``: names of regulators it cannot be combined with (checked by ``fit``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+from ..training.callbacks import Callback
+
+__all__ = ["Regulator", "all_reduce_sum", "check_composition", "encoder_parameters"]
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over all ranks in place when a process group is initialised; return it."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def encoder_parameters(model, modality: str) -> list[torch.nn.Parameter]:
+    """Trainable parameters of ``model.encoders[modality]`` (module identity)."""
+    return [p for p in model.encoders[modality].parameters() if p.requires_grad]
+
+
+class Regulator(Callback):
+    """Base class of InfoReg, Relearning, OGM, OPM, MMPareto and ValuationResampling."""
+
+    #: class names this regulator cannot be combined with
+    conflicts: tuple[str, ...] = ()
+
+    def __init__(self):
+        self._sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self._counts: dict[str, int] = defaultdict(int)
+        self._last: dict[str, object] = {}
+
+    # ---------------------------------------------------------------- logging
+    def record(self, key: str, values: dict[str, float]) -> None:
+        """Accumulate per-step values; ``collect_logs`` returns their epoch means."""
+        for m, v in values.items():
+            self._sums[key][m] += float(v)
+        self._counts[key] += 1
+
+    def record_epoch(self, key: str, value) -> None:
+        """Record one value for the whole epoch (e.g. the window state)."""
+        self._last[key] = value
+
+    def collect_logs(self) -> dict:
+        """Epoch means of recorded values plus per-epoch values; resets the accumulators."""
+        out: dict = {k: {m: s / self._counts[k] for m, s in sums.items()}
+                     for k, sums in self._sums.items()}
+        out.update(self._last)
+        self._sums = defaultdict(lambda: defaultdict(float))
+        self._counts = defaultdict(int)
+        self._last = {}
+        return out
+
+    all_reduce_sum = staticmethod(all_reduce_sum)
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({params})"
+
+    def config(self) -> dict:
+        """Constructor arguments (for the run's configuration record)."""
+        return {}
+
+
+def check_composition(callbacks) -> None:
+    """Refuse combinations of regulators that cannot work together, with a clear message."""
+    regs = [cb for cb in callbacks if isinstance(cb, Regulator)]
+    names = [type(r).__name__ for r in regs]
+    for name in set(names):
+        if names.count(name) > 1:
+            raise ValueError(f"two {name} regulators given; use one (each keeps run state).")
+    for r in regs:
+        clash = [n for n in names if n in r.conflicts]
+        if clash:
+            raise ValueError(
+                f"{type(r).__name__} cannot be combined with {clash}: both rewrite the encoders' "
+                "gradients by different rules. Use one of them."
+            )
+    loaders = [type(cb).__name__ for cb in callbacks if type(cb).train_loader is not Callback.train_loader]
+    if len(loaders) > 1:
+        raise ValueError(f"{loaders} each replace the training loader; use only one of them.")

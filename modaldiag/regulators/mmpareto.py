@@ -1,0 +1,152 @@
+"""R5: MMPareto (ICML 2024) — Pareto-aware combination of multimodal and unimodal gradients.
+
+Losses: the multimodal cross-entropy (plus any other terms in the step) and one unimodal
+cross-entropy per modality (the head with the other modalities absent). Two gradient computations
+per step with ``torch.autograd.grad`` — of the multimodal loss and of the sum of unimodal losses —
+keep the two gradients separate (m's unimodal loss does not depend on the other encoders, so the
+gradient of the sum w.r.t. encoder m is m's own unimodal gradient). For each encoder m:
+
+- ``cos(g_mm, g_u) > 0``: weights 1/2, 1/2;
+- otherwise the two-task min-norm weights ``w_mm = clip((|g_u|^2 - <g_mm, g_u>) / |g_mm - g_u|^2,
+  0, 1)``, ``w_u = 1 - w_mm``;
+- direction ``h = 2 (w_mm g_mm + w_u g_u)``, final gradient
+  ``gamma * max(1, |g_mm + g_u| / |h|) * h``.
+
+Head parameters get the plain summed gradient ``g_mm + g_u``. Gradients are added to ``.grad``
+(so gradient accumulation works).
+
+DDP: ``autograd.grad`` does not trigger DDP's gradient all-reduce, so the regulator averages both
+gradient sets over ranks itself *before* computing the weights; every rank then computes the same
+combination from the same numbers and the replicas stay identical.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .base import Regulator, encoder_parameters
+
+__all__ = ["MMPareto", "pareto_combine"]
+
+
+def pareto_combine(g_mm: torch.Tensor, g_u: torch.Tensor, gamma: float = 1.5
+                   ) -> tuple[torch.Tensor, float, float]:
+    """Combine two flat gradients; returns ``(final, w_mm, cos)``."""
+    dot = torch.dot(g_mm, g_u)
+    n_mm, n_u = g_mm.norm(), g_u.norm()
+    cos = float(dot / (n_mm * n_u)) if n_mm > 0 and n_u > 0 else 1.0
+    if cos > 0:
+        w_mm = 0.5
+    else:
+        diff = (g_mm - g_u).pow(2).sum()
+        w_mm = float(((n_u ** 2 - dot) / diff).clamp(0, 1)) if diff > 0 else 0.5
+    h = 2 * (w_mm * g_mm + (1 - w_mm) * g_u)
+    h_norm = h.norm()
+    scale = max(1.0, float((g_mm + g_u).norm() / h_norm)) if h_norm > 0 else 1.0
+    return gamma * scale * h, w_mm, cos
+
+
+def _average_over_ranks(tensors: list[torch.Tensor]) -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        world = dist.get_world_size()
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t.div_(world)
+
+
+class MMPareto(Regulator):
+    """MMPareto regulator (owns the backward pass).
+
+    Parameters
+    ----------
+    gamma : float, default 1.5
+        Magnitude factor of the final encoder gradient.
+    """
+
+    needs_unimodal_logits = True
+    conflicts = ("OGM",)
+
+    def __init__(self, gamma: float = 1.5):
+        super().__init__()
+        self.gamma = float(gamma)
+        self._deferred: dict[int, torch.Tensor] | None = None
+
+    def config(self) -> dict:
+        return {"gamma": self.gamma}
+
+    def on_after_forward(self, ctx) -> None:
+        for m, lg in ctx.unimodal_logits.items():
+            ctx.losses[f"unimodal/{m}"] = F.cross_entropy(lg, ctx.labels)
+
+    def backward(self, ctx) -> bool:
+        for p, g in self.combined_gradients(ctx).items():
+            _accumulate(p, g)
+        return True
+
+    def defer_gradients(self, ctx, scale: float = 1.0) -> None:
+        """For frameworks that run their own backward (Lightning): compute the combined encoder
+        gradients now, and write them at ``on_before_optimizer_step`` over the encoders' plain
+        summed gradients (head gradients stay the framework's plain sum)."""
+        enc_ids = {id(p) for m in ctx.model.modalities for p in encoder_parameters(ctx.model, m)}
+        combined = self.combined_gradients(ctx, retain_graph=True)
+        if self._deferred is None:
+            self._deferred = {}
+        for p, g in combined.items():
+            if id(p) in enc_ids:
+                prev = self._deferred.get(p)
+                self._deferred[p] = g * scale if prev is None else prev + g * scale
+
+    def on_before_optimizer_step(self, ctx) -> None:
+        if self._deferred:
+            for p, g in self._deferred.items():
+                p.grad = g.detach().clone()
+        self._deferred = None
+
+    def combined_gradients(self, ctx, retain_graph: bool = False) -> dict:
+        """``{parameter: gradient}``: Pareto-combined for encoders, summed for the head."""
+        model = ctx.model
+        uni_keys = [k for k in ctx.losses if k.startswith("unimodal/")]
+        loss_u = sum(ctx.losses[k] for k in uni_keys)
+        loss_mm = sum(v for k, v in ctx.losses.items() if k not in uni_keys)
+        enc = {m: encoder_parameters(model, m) for m in model.modalities}
+        enc_ids = {id(p) for ps in enc.values() for p in ps}
+        head = [p for p in model.parameters() if p.requires_grad and id(p) not in enc_ids]
+        params = [p for m in model.modalities for p in enc[m]] + head
+
+        def grads(loss, retain):
+            gs = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
+            return [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs, strict=True)]
+
+        g_mm = grads(loss_mm, retain=True)
+        g_u = grads(loss_u, retain=retain_graph)
+        _average_over_ranks(g_mm + g_u)
+        i = 0
+        out = {}
+        weights, cosines = {}, {}
+        for m in model.modalities:
+            n = len(enc[m])
+            if n == 0:
+                continue
+            flat_mm = torch.cat([g.flatten() for g in g_mm[i:i + n]])
+            flat_u = torch.cat([g.flatten() for g in g_u[i:i + n]])
+            final, w_mm, cos = pareto_combine(flat_mm, flat_u, self.gamma)
+            weights[m], cosines[m] = w_mm, cos
+            offset = 0
+            for p in enc[m]:
+                out[p] = final[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+            i += n
+        for p, a, b in zip(head, g_mm[i:], g_u[i:], strict=True):
+            out[p] = a + b
+        self.record("w_multimodal", weights)
+        self.record("cosine", cosines)
+        return out
+
+
+def _accumulate(p: torch.nn.Parameter, g: torch.Tensor) -> None:
+    if p.grad is None:
+        p.grad = g.detach().clone()
+    else:
+        p.grad.add_(g.detach())

@@ -1,0 +1,176 @@
+"""R6: valuation-based enhancement (Wei et al., CVPR 2024) — re-sample the weak modality.
+
+Sample level (``level="sample"``): after ``warmup`` epochs, every training sample is valued at the
+start of each epoch (P4, paper value function). For each modality m with ``phi_m < 1`` the sample
+gets ``round(2 * (1 - phi_m))`` extra copies in which every *other* modality is absent, so the weak
+encoder trains alone through the shared head. Modality level (``level="modality"``): a random
+subset Z (``subset`` = 20 %) is valued; ``gap_m = 1 - mean_Z phi_m``; ``ratio = alpha * (2/3) *
+spread`` where spread is ``|gap_a - gap_v|`` for two modalities and ``max_m gap_m - min_m gap_m``
+for M > 2; ``round(ratio * N)`` random samples are added, trained on the weakest modality (largest
+gap) only.
+
+The epoch's loader is rebuilt from indices (the dataset is never copied): it yields ordinary
+``(inputs, labels)`` batches of original and extra entries, and the regulator applies each extra
+entry's presence mask to the features before the head (absent = baseline, as everywhere).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.data import default_collate
+
+from ..probes.shapley import shapley
+from ..utils.validation import check_choice
+from .base import Regulator
+
+__all__ = ["ValuationResampling", "extra_copies"]
+
+
+def extra_copies(values: torch.Tensor) -> torch.Tensor:
+    """``(N, M)`` extra-copy counts: ``round(2 * (1 - phi))`` where ``phi < 1``, else 0."""
+    counts = torch.round(2 * (1 - values.double()))
+    return torch.where(values < 1, counts, torch.zeros_like(counts)).clamp(min=0).long()
+
+
+def _dataset_and_batch_size(loader):
+    dataset = getattr(loader, "dataset", None)
+    dataset = getattr(dataset, "dataset", dataset)  # modaldiag's batch view wraps the dataset
+    sampler = getattr(loader, "batch_sampler", None)
+    batch_size = getattr(sampler, "batch_size", None) or getattr(loader, "batch_size", None)
+    if dataset is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        raise ValueError("ValuationResampling needs a DataLoader over a map-style dataset "
+                         "(indexable, with len()) to re-sample from.")
+    return dataset, int(batch_size or 64)
+
+
+class _EpochLoader:
+    """Iterates shuffled (index, presence-mask) entries as ordinary batches."""
+
+    def __init__(self, regulator, dataset, entries, masks, batch_size, generator):
+        self.regulator, self.dataset = regulator, dataset
+        self.entries, self.masks, self.batch_size, self.generator = entries, masks, batch_size, generator
+
+    def __len__(self):
+        return math.ceil(len(self.entries) / self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.entries), generator=self.generator)
+        fetch = getattr(self.dataset, "inputs", None)
+        for start in range(0, len(order), self.batch_size):
+            pick = order[start:start + self.batch_size]
+            idx = self.entries[pick]
+            if fetch is not None:  # modaldiag's in-memory dataset: one fancy-indexing call
+                batch = ({m: x[idx] for m, x in self.dataset.inputs.items()}, self.dataset.labels[idx])
+            else:
+                batch = default_collate([self.dataset[int(i)] for i in idx])
+            self.regulator._pending_mask = self.masks[pick]
+            yield batch
+
+
+class ValuationResampling(Regulator):
+    """Valuation-based re-sampling regulator.
+
+    Parameters
+    ----------
+    level : {"sample", "modality"}, default "sample"
+    warmup : int, default 5
+        Epochs of plain joint training before re-sampling starts.
+    alpha : float, default 1.0
+        Modality-level ratio factor.
+    subset : float, default 0.2
+        Modality-level: share of training samples valued each epoch.
+    value, baseline : str
+        Valuation game (default the paper's ``|S| * correct``, zero baseline).
+    seed : int, default 0
+    """
+
+    def __init__(self, level: str = "sample", *, warmup: int = 5, alpha: float = 1.0,
+                 subset: float = 0.2, value: str = "paper", baseline: str = "zero", seed: int = 0):
+        super().__init__()
+        self.level = check_choice(level, ("sample", "modality"), "level")
+        if not 0 < subset <= 1:
+            raise ValueError(f"subset must lie in (0, 1]; got {subset}.")
+        self.warmup, self.alpha, self.subset = int(warmup), float(alpha), float(subset)
+        self.value, self.baseline, self.seed = value, baseline, int(seed)
+        self._pending_mask: torch.Tensor | None = None
+        self.last_counts: dict[str, int] = {}
+
+    def config(self) -> dict:
+        return {"level": self.level, "warmup": self.warmup, "alpha": self.alpha,
+                "subset": self.subset, "value": self.value}
+
+    def _value(self, model, dataset, indices, batch_size):
+        from ..datasets.base import MultimodalDataset, batch_loader
+
+        if isinstance(dataset, MultimodalDataset):
+            loader = batch_loader(dataset.subset(indices) if indices is not None else dataset, 512)
+        else:
+            sub = torch.utils.data.Subset(dataset, indices.tolist()) if indices is not None else dataset
+            loader = torch.utils.data.DataLoader(sub, batch_size=batch_size)
+        sv = shapley(model, loader, value=self.value, baseline=self.baseline)
+        model.train()
+        return sv
+
+    def plan(self, model, dataset, batch_size: int, epoch: int):
+        """``(entries, masks)`` for this epoch: indices into the dataset and presence masks."""
+        n, m = len(dataset), len(model.modalities)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        base_idx = torch.arange(n)
+        full = torch.ones(n, m, dtype=torch.bool)
+        if self.level == "sample":
+            sv = self._value(model, dataset, None, batch_size)
+            counts = extra_copies(sv.values)  # (N, M)
+            extra_idx, extra_masks = [], []
+            for j in range(m):
+                reps = counts[:, j]
+                idx = torch.repeat_interleave(base_idx, reps)
+                mask = torch.zeros(len(idx), m, dtype=torch.bool)
+                mask[:, j] = True
+                extra_idx.append(idx)
+                extra_masks.append(mask)
+            self.last_counts = {mod: int(counts[:, j].sum()) for j, mod in enumerate(model.modalities)}
+            self.record_epoch("mean_phi", sv.mean())
+        else:
+            k = max(1, int(round(self.subset * n)))
+            z = torch.randperm(n, generator=gen)[:k].sort().values
+            sv = self._value(model, dataset, z, batch_size)
+            gaps = {mod: 1.0 - v for mod, v in sv.mean().items()}
+            spread = max(gaps.values()) - min(gaps.values())
+            ratio = self.alpha * (2.0 / 3.0) * spread
+            weakest = max(gaps, key=gaps.get)
+            j = model.modalities.index(weakest)
+            n_extra = int(round(ratio * n))
+            idx = torch.randint(0, n, (n_extra,), generator=gen)
+            mask = torch.zeros(n_extra, m, dtype=torch.bool)
+            mask[:, j] = True
+            extra_idx, extra_masks = [idx], [mask]
+            self.last_counts = {mod: (n_extra if mod == weakest else 0) for mod in model.modalities}
+            self.record_epoch("gap", gaps)
+            self.record_epoch("ratio", ratio)
+        entries = torch.cat([base_idx, *extra_idx])
+        masks = torch.cat([full, *extra_masks])
+        self.record_epoch("extra_copies", dict(self.last_counts))
+        return entries, masks, gen
+
+    def train_loader(self, ctx):
+        if ctx.epoch < self.warmup:
+            self._pending_mask = None
+            return None
+        dataset, batch_size = _dataset_and_batch_size(ctx.train_loader)
+        entries, masks, gen = self.plan(ctx.model, dataset, batch_size, ctx.epoch)
+        return _EpochLoader(self, dataset, entries, masks, batch_size, gen)
+
+    def transform_features(self, features, ctx):
+        mask = self._pending_mask
+        self._pending_mask = None
+        if mask is None or bool(mask.all()):
+            return features
+        model = ctx.model
+        out = {}
+        for j, m in enumerate(model.modalities):
+            f = features[m]
+            keep = mask[:, j].to(f.device).view((-1,) + (1,) * (f.dim() - 1))
+            out[m] = torch.where(keep, f, model.absent_feature(m, f))
+        return out

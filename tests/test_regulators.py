@@ -1,0 +1,428 @@
+"""Regulators against closed forms on hand-made inputs."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_inputs, make_model
+
+import modaldiag as md
+from modaldiag.regulators import (
+    extra_copies,
+    ogm_coefficients,
+    opm_drop_probability,
+    pareto_combine,
+)
+from modaldiag.training.callbacks import StepContext
+
+
+def _ctx(model, x, y, epoch=0, step=0):
+    ctx = StepContext(model=model, epoch=epoch, step=step, inputs=x, labels=y)
+    ctx.features = model.encode(x)
+    ctx.logits = model.head(ctx.features)
+    ctx.compute_unimodal_logits()
+    return ctx
+
+
+# ---------------------------------------------------------------- OGM
+def test_ogm_coefficients_closed_form_on_hand_made_batch():
+    model = make_model(2, "concat")
+    x, y = make_inputs(model, batch=8), torch.arange(8) % 3
+    ctx = _ctx(model, x, y)
+    s = {m: float(F.softmax(ctx.unimodal_logits[m].detach(), 1).gather(1, y[:, None]).sum())
+         for m in model.modalities}
+    reg = md.OGM(alpha=0.5)
+    reg.on_after_forward(ctx)
+    F.cross_entropy(ctx.logits, y).backward()
+    before = {m: [p.grad.clone() for p in model.encoders[m].parameters()] for m in model.modalities}
+    reg.on_before_optimizer_step(ctx)
+    rho = {"m0": s["m0"] / s["m1"], "m1": s["m1"] / s["m0"]}
+    for m in model.modalities:
+        k = 1 - math.tanh(0.5 * rho[m]) if rho[m] > 1 else 1.0
+        assert reg.coefficients[m] == pytest.approx(k)
+        for g0, p in zip(before[m], model.encoders[m].parameters(), strict=True):
+            torch.testing.assert_close(p.grad, g0 * k)
+    head_grads = [p.grad for p in model.head_parameters()]
+    assert all(g is not None for g in head_grads)
+
+
+def test_ogm_three_modalities_and_jump_at_one():
+    k, rho = ogm_coefficients({"a": 6.0, "b": 2.0, "c": 4.0}, alpha=0.3)
+    assert rho["a"] == pytest.approx(6 / 3) and rho["b"] == pytest.approx(2 / 5)
+    assert k["a"] == pytest.approx(1 - math.tanh(0.6)) and k["b"] == 1.0
+    k_eq, _ = ogm_coefficients({"a": 1.0, "b": 1.0}, alpha=0.8)
+    assert k_eq == {"a": 1.0, "b": 1.0}
+    k_up, _ = ogm_coefficients({"a": 1.0001, "b": 1.0}, alpha=0.8)
+    assert k_up["a"] == pytest.approx(1 - math.tanh(0.8), abs=1e-3)  # the documented jump
+
+
+def test_ogm_ge_noise_scale_and_window():
+    torch.manual_seed(0)
+    model = make_model(2, "concat")
+    x, y = make_inputs(model, batch=64), torch.arange(64) % 3
+    ctx = _ctx(model, x, y, epoch=0, step=3)
+    reg = md.OGM(alpha=0.0, noise=True)  # k = 1: only the noise acts
+    reg.on_after_forward(ctx)
+    F.cross_entropy(ctx.logits, y).backward()
+    p = model.encoders["m0"].net[0].weight
+    g0 = p.grad.clone()
+    reg.on_before_optimizer_step(ctx)
+    noise = p.grad - g0
+    assert noise.std().item() == pytest.approx(g0.std().item(), rel=0.35)
+    outside = md.OGM(alpha=0.5, noise=True, start_epoch=5)
+    ctx2 = _ctx(model, x, y, epoch=1)
+    outside.on_after_forward(ctx2)
+    model.zero_grad()
+    F.cross_entropy(ctx2.logits, y).backward()
+    g1 = p.grad.clone()
+    outside.on_before_optimizer_step(ctx2)
+    torch.testing.assert_close(p.grad, g1)  # outside [start, end): untouched
+
+
+def test_ogm_conv_only_touches_only_conv_weights():
+    torch.manual_seed(0)
+    encs = {"a": md.models.Conv1dEncoder(2, 4, channels=(3,)), "b": md.models.MLPEncoder(5, 4)}
+    model = md.MultimodalClassifier(encs, {"a": 4, "b": 4}, 3)
+    x = {"a": torch.randn(6, 2, 8) * 5, "b": torch.randn(6, 5) * 0.01}
+    y = torch.arange(6) % 3
+    ctx = _ctx(model, x, y)
+    reg = md.OGM(alpha=1.0, conv_only=True)
+    reg.on_after_forward(ctx)
+    F.cross_entropy(ctx.logits, y).backward()
+    fc_before = model.encoders["a"].fc.weight.grad.clone()
+    reg.on_before_optimizer_step(ctx)
+    torch.testing.assert_close(model.encoders["a"].fc.weight.grad, fc_before)
+
+
+# ---------------------------------------------------------------- InfoReg
+def test_inforeg_penalty_gradient_on_dominant_encoder_only():
+    torch.manual_seed(0)
+    model = make_model(3, "late")
+    x, y = make_inputs(model, batch=10), torch.arange(10) % 3
+    reg = md.InfoReg(beta=0.9)
+    ctx = _ctx(model, x, y)
+    reg.on_train_epoch_start(ctx)  # anchors = current weights, window open (epoch 0)
+    with torch.no_grad():  # move the weights away from the anchors
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ctx = _ctx(model, x, y)
+    reg.on_after_forward(ctx)
+    s = {m: float(F.softmax(ctx.unimodal_logits[m].detach(), 1).gather(1, y[:, None]).mean())
+         for m in model.modalities}
+    delta = md.probes.inforeg_gap(s)
+    F.cross_entropy(ctx.logits, y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    reg.on_before_optimizer_step(ctx)
+    weakest = min(s, key=s.get)
+    assert delta[weakest] == 0
+    logged = reg.collect_logs()["alpha"]
+    for m in model.modalities:
+        alpha = math.exp(0.9 * math.tanh(delta[m])) if delta[m] > 0 else 0.0
+        assert logged[m] == pytest.approx(alpha)
+        for (n, p), anchor in zip(model.encoders[m].named_parameters(), reg.anchors[m], strict=True):
+            expected = grads[f"encoders.{m}.{n}"] + alpha * (p.detach() - anchor)
+            torch.testing.assert_close(p.grad, expected)
+    for n, p in model.fusion.named_parameters():  # head untouched
+        torch.testing.assert_close(p.grad, grads[f"fusion.{n}"])
+    # equals the autograd gradient of the proximal penalty
+    penalty_grads = torch.autograd.grad(reg.penalty(model), [p for m in model.modalities
+                                                             for p in model.encoders[m].parameters()
+                                                             if m in reg._alpha])
+    dominant = [m for m in model.modalities if m in reg._alpha]
+    flat = [p for m in dominant for p in model.encoders[m].parameters()]
+    for g, p, (n_full) in zip(penalty_grads, flat, [n for m in dominant for n, _ in
+                                                    model.encoders[m].named_parameters()], strict=True):
+        m = next(m for m in dominant if any(q is p for q in model.encoders[m].parameters()))
+        torch.testing.assert_close(p.grad - grads[f"encoders.{m}.{n_full}"], g)
+
+
+def test_inforeg_no_penalty_outside_window():
+    model = make_model(2, "concat")
+    x, y = make_inputs(model, batch=10), torch.arange(10) % 3
+    reg = md.InfoReg()
+    reg.traces = {"m0": [1.0, 2.0, 2.0], "m1": [1.0, 2.0, 2.01]}  # rho = 0 / .005 < K: closed
+    ctx = _ctx(model, x, y, epoch=3)
+    reg.on_train_epoch_start(ctx)
+    assert reg.window == {"m0": False, "m1": False}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    ctx = _ctx(model, x, y, epoch=3)
+    reg.on_after_forward(ctx)
+    F.cross_entropy(ctx.logits, y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    reg.on_before_optimizer_step(ctx)
+    for g, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, g)
+    assert reg.collect_logs()["alpha"] == {"m0": 0.0, "m1": 0.0}
+
+
+def test_inforeg_star_adds_unimodal_losses_and_records_history(synth):
+    model = md.models.default_model(synth, feature_dim=8)
+    hist = md.fit(model, synth.train.loader(64, shuffle=True), epochs=3,
+                  regulator=md.InfoReg(unimodal_loss=True), progress=False)
+    rec = hist[-1]["regulator"]
+    assert set(rec) >= {"alpha", "delta", "score", "trace", "window_open", "window_rho"}
+    assert len(hist.series("regulator.trace.a")) == 3
+
+
+# ---------------------------------------------------------------- Re-learning
+def test_relearning_is_exact_interpolation_to_init():
+    torch.manual_seed(0)
+    model = make_model(3, "gated")
+    reg = md.Relearning(lam=3.0)
+    reg.remember_init(model)
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    current = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gaps = {"m0": 0.1, "m1": 0.0, "m2": 0.3}
+    alphas = reg.alphas(gaps)
+    assert alphas["m0"] == pytest.approx(math.tanh(0.3)) and alphas["m1"] == 0.0
+    reg.reinitialise(model, alphas)
+    for n, p in model.named_parameters():
+        if n.startswith("encoders."):
+            a = alphas[n.split(".")[1]]
+            torch.testing.assert_close(p.detach(), (1 - a) * current[n] + a * init[n])
+        else:
+            assert torch.equal(p.detach(), current[n])  # head untouched
+
+
+def test_relearning_schedule_and_optimizer_reset(synth):
+    model = md.models.default_model(synth, feature_dim=8)
+    reg = md.Relearning(every=2, max_resets=2, reset_optimizer=True, reset_bn=True)
+    hist = md.fit(model, synth.train.loader(64, shuffle=True), synth.val.loader(128), epochs=7,
+                  regulator=reg, progress=False)
+    assert reg.resets == 2 and [h["epoch"] for h in reg.history] == [1, 3]
+    assert "alpha" in hist[1]["regulator"] and "regulator" not in hist[5]
+    with pytest.raises(ValueError, match="needs held-out data"):
+        md.fit(model, synth.train.loader(64), epochs=2, regulator=md.Relearning(every=1),
+               progress=False)
+
+
+# ---------------------------------------------------------------- OPM
+def test_opm_drop_rate_matches_q_and_preserves_expectation():
+    torch.manual_seed(0)
+    model = make_model(2, "concat")
+    x = make_inputs(model, batch=4000)
+    x["m0"] = x["m0"] * 4  # make m0 dominant-ish; whatever, q is computed from rho
+    y = torch.arange(4000) % 3
+    reg = md.OPM(q_base=0.5, lam=0.5, p_exe=1.0)
+    feats = {m: f.detach() for m, f in model.encode(x).items()}
+    dominant, q, rho = reg.drop_plan(model, feats, y)
+    assert q == pytest.approx(opm_drop_probability(rho[dominant], 0.5, 0.5))
+    assert q == pytest.approx(min(1, 0.5 * (1 + 0.5 * math.tanh(max(0, rho[dominant] - 1)))))
+    ctx = StepContext(model=model, labels=y, epoch=0, step=7)
+    out = reg.transform_features(feats, ctx)
+    drop_rate = 1 - reg.last_mask.float().mean().item()
+    assert drop_rate == pytest.approx(q, abs=0.03)
+    kept = reg.last_mask
+    torch.testing.assert_close(out[dominant][kept], feats[dominant][kept] / (1 - q))
+    assert torch.all(out[dominant][~kept] == 0)
+    other = next(m for m in model.modalities if m != dominant)
+    assert torch.equal(out[other], feats[other])
+    # p_exe: fraction of modulated batches
+    reg_p = md.OPM(p_exe=0.3)
+    executed = 0
+    for step in range(400):
+        reg_p.transform_features(feats, StepContext(model=model, labels=y, epoch=0, step=step))
+        executed += reg_p.last_mask is not None
+    assert executed / 400 == pytest.approx(0.3, abs=0.07)
+
+
+# ---------------------------------------------------------------- MMPareto
+def test_pareto_combine_closed_forms():
+    g_mm, g_u = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])  # cos > 0
+    final, w, cos = pareto_combine(g_mm, g_u, gamma=1.5)
+    assert w == 0.5 and cos > 0
+    torch.testing.assert_close(final, 1.5 * (g_mm + g_u))
+    g_mm, g_u = torch.tensor([1.0, 0.0]), torch.tensor([-0.5, 1.0])  # conflicting
+    final, w, cos = pareto_combine(g_mm, g_u, gamma=1.5)
+    w_ref = float(((g_u @ g_u - g_mm @ g_u) / ((g_mm - g_u) @ (g_mm - g_u))).clamp(0, 1))
+    assert cos < 0 and w == pytest.approx(w_ref)
+    h = 2 * (w_ref * g_mm + (1 - w_ref) * g_u)
+    scale = max(1.0, float((g_mm + g_u).norm() / h.norm()))
+    torch.testing.assert_close(final, 1.5 * scale * h)
+    # min-norm property: h/2 is the min-norm point of the segment
+    ts = torch.linspace(0, 1, 1001)
+    norms = torch.stack([(t * g_mm + (1 - t) * g_u).norm() for t in ts])
+    assert (h / 2).norm() <= norms.min() + 1e-6
+
+
+def test_mmpareto_step_matches_manual_per_encoder_combination():
+    torch.manual_seed(0)
+    model = make_model(2, "concat")
+    x, y = make_inputs(model, batch=12), torch.arange(12) % 3
+    reg = md.MMPareto(gamma=1.5)
+    ctx = _ctx(model, x, y)
+    reg.on_after_forward(ctx)
+    loss_mm = ctx.losses["multimodal"] = F.cross_entropy(ctx.logits, y)
+    ctx.loss = sum(ctx.losses.values())
+    params = list(model.parameters())
+    g_mm = torch.autograd.grad(loss_mm, params, retain_graph=True)
+    g_u = torch.autograd.grad(sum(v for k, v in ctx.losses.items() if k.startswith("unimodal/")),
+                              params, retain_graph=True, allow_unused=True)
+    g_u = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_u, strict=True)]
+    assert reg.backward(ctx)
+    index = {id(p): i for i, p in enumerate(params)}
+    for m in model.modalities:
+        ps = list(model.encoders[m].parameters())
+        a = torch.cat([g_mm[index[id(p)]].flatten() for p in ps])
+        b = torch.cat([g_u[index[id(p)]].flatten() for p in ps])
+        ref, _, _ = pareto_combine(a, b, 1.5)
+        got = torch.cat([p.grad.flatten() for p in ps])
+        torch.testing.assert_close(got, ref)
+    for p in model.head_parameters():
+        torch.testing.assert_close(p.grad, g_mm[index[id(p)]] + g_u[index[id(p)]])
+
+
+# ---------------------------------------------------------------- valuation re-sampling
+def test_resampling_counts_equal_two_times_one_minus_phi():
+    phi = torch.tensor([[1.5, 0.5], [0.0, 2.0], [1.0, 1.0], [-0.5, 0.75]], dtype=torch.float64)
+    counts = extra_copies(phi)
+    assert counts.tolist() == [[0, 1], [2, 0], [0, 0], [3, 0]]  # round(2 * .25) = round(.5) = 0
+
+
+def test_sample_level_plan_uses_valuation_and_never_copies_data(synth):
+    torch.manual_seed(0)
+    model = md.models.default_model(synth, feature_dim=8)
+    md.fit(model, synth.train.loader(64, shuffle=True), epochs=2, progress=False)
+    reg = md.ValuationResampling(level="sample", warmup=0)
+    entries, masks, _ = reg.plan(model, synth.train, 64, epoch=0)
+    sv = md.shapley(model, synth.train.loader(512))
+    counts = extra_copies(sv.values)
+    n = len(synth.train)
+    assert len(entries) == n + int(counts.sum())
+    for j, m in enumerate(model.modalities):
+        only_m = masks[n:, j] & (masks[n:].sum(1) == 1)
+        assert int(only_m.sum()) == int(counts[:, j].sum()) == reg.last_counts[m]
+        per_sample = torch.bincount(entries[n:][only_m], minlength=n)
+        assert torch.equal(per_sample, counts[:, j])
+    assert entries.dtype == torch.long  # indices, not copies
+
+
+def test_resampled_batches_apply_presence_masks(synth):
+    model = md.models.default_model(synth, feature_dim=8)
+    reg = md.ValuationResampling(level="modality", warmup=0, subset=0.5, alpha=3.0)
+    seen = {"masked": 0}
+
+    class Spy(md.Callback):
+        def on_after_forward(self, ctx):
+            zero_rows = (ctx.features["a"].abs().sum(1) == 0) | (ctx.features["b"].abs().sum(1) == 0)
+            seen["masked"] += int(zero_rows.sum())
+
+    hist = md.fit(model, synth.train.loader(64, shuffle=True), epochs=2, regulator=[reg, Spy()],
+                  progress=False, monitor=False)
+    extra = sum(hist[e]["regulator"]["extra_copies"][m] for e in range(2) for m in ("a", "b"))
+    assert extra > 0 and seen["masked"] >= extra
+    assert hist[0]["train"]["n"] > len(synth.train)
+
+
+# ---------------------------------------------------------------- composition
+def test_composition_rules(synth):
+    model = md.models.default_model(synth, feature_dim=8)
+    loader = synth.train.loader(64)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        md.fit(model, loader, epochs=1, regulator=[md.OGM(), md.MMPareto()], progress=False)
+    with pytest.raises(ValueError, match="two OGM regulators"):
+        md.fit(model, loader, epochs=1, regulator=[md.OGM(), md.OGM()], progress=False)
+    hist = md.fit(model, loader, epochs=2, progress=False,
+                  regulator=[md.ValuationResampling(warmup=1), md.OGM(noise=True), md.OPM()])
+    assert "coefficient" in hist[1]["regulator"] and "extra_copies" in hist[1]["regulator"]
+
+
+@pytest.mark.parametrize("make", [lambda: md.InfoReg(), lambda: md.Relearning(every=1),
+                                  lambda: md.OGM(noise=True), lambda: md.OPM(),
+                                  lambda: md.MMPareto(), lambda: md.ValuationResampling(warmup=1),
+                                  lambda: md.ValuationResampling("modality", warmup=1)])
+def test_every_regulator_trains_three_modalities(make):
+    data = md.datasets.synthetic(n_samples=300, num_classes=3,
+                                 strength={"a": 2.0, "b": 1.0, "c": 0.3}, dims=8, seed=1)
+    model = md.models.default_model(data, fusion="gated", feature_dim=8)
+    hist = md.fit(model, data.train.loader(32, shuffle=True), data.val.loader(64), epochs=3,
+                  regulator=make(), progress=False)
+    assert len(hist) == 3 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- plain loop, resume
+def test_plain_loop_equals_fit(synth):
+    def model():
+        torch.manual_seed(0)
+        return md.models.default_model(synth, feature_dim=8)
+
+    ref = model()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    md.fit(ref, synth.train.loader(64), epochs=3, optimizer=opt, regulator=md.InfoReg(),
+           seed=None, progress=False)
+    net = model()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    run = md.Regulation(net, opt, md.InfoReg(), monitor=True)
+    for epoch in range(3):
+        for inputs, labels in run.epoch_start(epoch, synth.train.loader(64)):
+            opt.zero_grad()
+            run.backward(inputs, labels)
+            opt.step()
+        run.epoch_end()
+    for a, b in zip(ref.parameters(), net.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("make", [lambda: md.InfoReg(), lambda: md.Relearning(every=2),
+                                  lambda: md.OGM(noise=True), lambda: md.OPM(),
+                                  lambda: md.MMPareto(), lambda: md.ValuationResampling(warmup=1)])
+def test_resumed_run_ends_with_identical_weights(synth, tmp_path, make):
+    def run(epochs, ckpt, resume):
+        torch.manual_seed(0)
+        model = md.models.default_model(synth, feature_dim=8)
+        md.fit(model, synth.train.loader(64, shuffle=True), synth.val.loader(256), epochs=epochs,
+               regulator=make(), checkpoint_dir=ckpt, resume=resume, restore_best=False,
+               progress=False, seed=3)
+        return model
+
+    full = run(4, tmp_path / "full", False)
+    run(2, tmp_path / "split", False)
+    resumed = run(4, tmp_path / "split", True)
+    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+
+
+# ---------------------------------------------------------------- end to end on real data
+def _train_eval(data, make, seed, epochs=20):
+    torch.manual_seed(seed)
+    model = md.models.default_model(data)
+    reg = make()
+    md.fit(model, data.train.loader(64, shuffle=True), data.val.loader(400), epochs=epochs,
+           regulator=reg, progress=False, seed=seed)
+    uni = md.probes.evaluate(model, data.test.loader(400)).unimodal
+    sep = md.separability(model, data.train.loader(1200), data.test.loader(400), silhouette=False)
+    return uni, sep, reg
+
+
+def test_inforeg_raises_weak_view_on_real_pair(fou_pix):
+    """mfeat-fou-pix, same seed and budget: InfoReg vs joint, over 3 seeds (measured: unimodal
+    fou +0.035/+0.053/+0.031, linear probe +0.002/+0.025/+0.005)."""
+    d_uni, d_probe = [], []
+    for seed in (0, 1, 2):
+        joint_uni, joint_sep, _ = _train_eval(fou_pix, lambda: None, seed)
+        reg_uni, reg_sep, _ = _train_eval(fou_pix, lambda: md.InfoReg(), seed)
+        d_uni.append(reg_uni["fou"].accuracy - joint_uni["fou"].accuracy)
+        d_probe.append(reg_sep["fou"].linear_probe - joint_sep["fou"].linear_probe)
+    assert min(d_uni) > 0 and sum(d_uni) / 3 > 0.02
+    assert min(d_probe) >= 0 and sum(d_probe) / 3 > 0.005
+
+
+def test_relearning_end_to_end_on_real_pair(fou_pix):
+    """Re-learning's soft re-initialisation on real data follows alpha = tanh(lam * gap).
+
+    On mfeat the train/val purity gaps are small (no overfitting), so the re-initialisation is
+    mild and does NOT raise the weak view (measured: fou unimodal -0.008/-0.005/-0.005, linear
+    probe 0/+0.007/0 over seeds 0-2); see docs/methods/relearning.md.
+    """
+    _, _, reg = _train_eval(fou_pix, lambda: md.Relearning(lam=3.0, every=5, max_resets=3), 0)
+    assert reg.resets == 3
+    for event in reg.history:
+        for m, gap in event["gap"].items():
+            assert event["alpha"][m] == pytest.approx(math.tanh(3.0 * gap))
+            assert 0 <= gap < 0.1
