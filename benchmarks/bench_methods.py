@@ -86,6 +86,10 @@ def _fmt(values: list[float]) -> str:
     return f"{100 * np.mean(values):.1f} ± {100 * np.std(values, ddof=1 if len(values) > 1 else 0):.1f}"
 
 
+def _fmt_p(p: float, method: str) -> str:
+    return "—" if method == "joint" or math.isnan(p) else f"{p:.3f}"
+
+
 def run(quick: bool = False, seeds: int | None = None) -> list[Table]:
     n_seeds = seeds or (2 if quick else 5)
     datasets = {k: v for k, v in DATASETS.items() if not quick or k in ("synthetic", "mfeat-fou-pix")}
@@ -118,10 +122,9 @@ def run(quick: bool = False, seeds: int | None = None) -> list[Table]:
             d_w, p_w = _paired([a["unimodal"][shown] - b["unimodal"][shown]
                                 for a, b in zip(rs, base, strict=True)])
             all_uni = ", ".join(f"{m} {100 * np.mean([r['unimodal'][m] for r in rs]):.0f}" for m in mods)
-            fmt_p = (lambda p: "—" if method == "joint" or math.isnan(p) else f"{p:.3f}")
             table.rows.append([method, _fmt(fused), "—" if method == "joint" else f"{100 * d_f:+.1f}",
-                               fmt_p(p_f), _fmt(weak_acc),
-                               "—" if method == "joint" else f"{100 * d_w:+.1f}", fmt_p(p_w), all_uni,
+                               _fmt_p(p_f, method), _fmt(weak_acc),
+                               "—" if method == "joint" else f"{100 * d_w:+.1f}", _fmt_p(p_w, method), all_uni,
                                float(np.mean([r["seconds"] for r in rs]))])
         tables.append(table)
     return tables
