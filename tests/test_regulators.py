@@ -369,7 +369,7 @@ def test_plain_loop_equals_fit(synth):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("make", [lambda: md.InfoReg(), lambda: md.Relearning(every=2),
+@pytest.mark.parametrize("make", [lambda: None, lambda: md.InfoReg(), lambda: md.Relearning(every=2),
                                   lambda: md.OGM(noise=True), lambda: md.OPM(),
                                   lambda: md.MMPareto(), lambda: md.ValuationResampling(warmup=1)])
 def test_resumed_run_ends_with_identical_weights(synth, tmp_path, make):
@@ -386,6 +386,8 @@ def test_resumed_run_ends_with_identical_weights(synth, tmp_path, make):
     resumed = run(4, tmp_path / "split", True)
     for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), n
+    hist = md.History.load(tmp_path / "split" / "history.json")
+    assert [r["epoch"] for r in hist.epochs] == [0, 1, 2, 3]
 
 
 # ---------------------------------------------------------------- end to end on real data

@@ -109,23 +109,6 @@ def test_two_backward_owners_refused(synth):
         md.fit(model, synth.train.loader(64), epochs=1, regulator=[Owner(), Owner()], progress=False)
 
 
-def test_resume_matches_uninterrupted_run(synth, tmp_path):
-    def run(epochs, ckpt, resume):
-        torch.manual_seed(123)
-        model = md.models.default_model(synth, feature_dim=8)
-        md.fit(model, synth.train.loader(64, shuffle=True), synth.val.loader(256), epochs=epochs,
-               checkpoint_dir=ckpt, resume=resume, restore_best=False, progress=False, seed=5)
-        return model
-
-    full = run(4, tmp_path / "full", False)
-    run(2, tmp_path / "split", False)
-    resumed = run(4, tmp_path / "split", True)
-    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
-        assert torch.equal(a, b), n
-    hist = md.History.load(tmp_path / "split" / "history.json")
-    assert [r["epoch"] for r in hist.epochs] == [0, 1, 2, 3]
-
-
 def _dataset(x_a, x_b, y):
     return MultimodalDataset({"a": x_a, "b": x_b}, y, num_classes=3)
 

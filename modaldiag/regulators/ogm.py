@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..probes.unimodal import ogm_ratio
 from .base import Regulator, all_reduce_sum, encoder_parameters
 
 __all__ = ["OGM", "ogm_coefficients"]
@@ -30,12 +31,7 @@ __all__ = ["OGM", "ogm_coefficients"]
 
 def ogm_coefficients(scores: dict[str, float], alpha: float) -> tuple[dict[str, float], dict[str, float]]:
     """``(k, rho)``: ``k_m = 1 - tanh(alpha * rho_m)`` where ``rho_m > 1``, else 1."""
-    names = list(scores)
-    rho = {}
-    for m in names:
-        others = [scores[k] for k in names if k != m]
-        mean_other = sum(others) / len(others)
-        rho[m] = scores[m] / mean_other if mean_other > 0 else math.inf
+    rho = ogm_ratio(scores)
     k = {m: (1.0 - math.tanh(alpha * r)) if r > 1 else 1.0 for m, r in rho.items()}
     return k, rho
 

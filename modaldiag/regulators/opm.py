@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..probes.unimodal import ogm_ratio
 from .base import Regulator, all_reduce_sum
 
 __all__ = ["OPM", "opm_drop_probability"]
@@ -64,11 +65,7 @@ class OPM(Regulator):
                          .gather(1, labels[:, None]).sum() for m in model.modalities])
         s = all_reduce_sum(s)
         scores = {m: float(s[i]) for i, m in enumerate(model.modalities)}
-        rho = {}
-        for m in model.modalities:
-            others = [scores[k] for k in model.modalities if k != m]
-            mean_other = sum(others) / len(others)
-            rho[m] = scores[m] / mean_other if mean_other > 0 else math.inf
+        rho = ogm_ratio(scores)
         dominant = max(rho, key=rho.get)
         if rho[dominant] <= 1:
             return None, 0.0, rho
