@@ -104,13 +104,24 @@ class Diagnosis:
             "summary": self.summary, "config": self.config,
         }
 
-    def save(self, directory) -> Path:
-        """Write ``diagnosis.json`` and figures (PNG + SVG) into ``directory``."""
+    def to_html(self, title: str = "modaldiag diagnosis", class_names=None) -> str:
+        """A self-contained HTML page (figures embedded; every name escaped)."""
+        from ..report.diagnosis import diagnosis_html
+
+        return diagnosis_html(self, title, class_names)
+
+    def save(self, directory, *, title: str = "modaldiag diagnosis", class_names=None) -> Path:
+        """Write ``diagnosis.json``, ``report.html`` and figures (PNG + SVG) into ``directory``.
+
+        Each file is written atomically (temp file + rename).
+        """
         from ..report import plots
+        from ..utils.io import atomic_write_text
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_json(directory / "diagnosis.json", self.to_dict())
+        atomic_write_text(directory / "report.html", self.to_html(title, class_names))
         plots.save_figure(plots.shapley(self.shapley), directory / "shapley")
         plots.save_figure(plots.unimodal_bars(self), directory / "unimodal")
         if self.separability:
@@ -260,7 +271,7 @@ def diagnose(
         f"is the weakest.",
         f"Fused accuracy {ev.accuracy:.3f}. Unimodal accuracy through the joint head: "
         f"{_fmt({m: s.accuracy for m, s in ev.unimodal.items()}, 3)}.",
-        f"Mean Shapley contribution ({value}; balanced = {sv.full_value.mean() / len(net.modalities):.2f}): "
+        f"Mean Shapley contribution ({value}; fair share = {sv.full_value.mean() / len(net.modalities):.2f}): "
         f"{_fmt(sv.mean())}; {weakest!r} contributes less than its fair share on "
         f"{100 * sv.low_contribution_share()[weakest]:.0f}% of samples "
         f"(imbalance degree {sv.imbalance_degree():.2f}).",

@@ -1,5 +1,5 @@
 """Figures and reports, built from result objects and History only."""
 
-from . import plots
+from . import html, plots
 
-__all__ = ["plots"]
+__all__ = ["plots", "html"]

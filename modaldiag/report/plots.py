@@ -17,7 +17,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 __all__ = ["modality_colors", "unimodal_accuracy", "learning_window", "shapley", "separability",
-           "unimodal_bars", "save_figure"]
+           "unimodal_bars", "compare", "save_figure"]
 
 FUSED_COLOR = "#222222"
 
@@ -167,6 +167,42 @@ def unimodal_bars(diagnosis):
     ax.set_ylabel("accuracy")
     ax.set_title("Unimodal accuracy through the joint head")
     ax.legend(frameon=False)
+    return fig
+
+
+def compare(histories, *, split: str = "val"):
+    """Several runs side by side: fused accuracy and each modality's unimodal accuracy per epoch.
+
+    ``histories`` is a dict ``{run name: History}`` (or a list, named by position). Line style per
+    run, colour per modality (fused in black), one panel per quantity.
+    """
+    _style()
+    if not isinstance(histories, dict):
+        histories = {f"run {i}": h for i, h in enumerate(histories)}
+    if not histories:
+        raise ValueError("compare() needs at least one History.")
+    first = next(iter(histories.values()))
+    mods = list(first.modalities)
+    colors = modality_colors(mods)
+    styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1))]
+    panels = ["fused", *mods]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), sharey=True,
+                             constrained_layout=True, squeeze=False)
+    for i, (name, h) in enumerate(histories.items()):
+        sp = split if h.epochs and split in h.epochs[0] else "train"
+        epochs = h.series("epoch")
+        ls = styles[i % len(styles)]
+        axes[0, 0].plot(epochs, h.series(f"{sp}.acc"), color=FUSED_COLOR, ls=ls, lw=1.8, label=name)
+        for j, m in enumerate(mods, start=1):
+            axes[0, j].plot(epochs, h.series(f"{sp}.unimodal_acc.{m}"), color=colors[m], ls=ls,
+                            lw=1.8, label=name)
+    for ax, title in zip(axes[0], panels, strict=True):
+        ax.set_title(title if title == "fused" else f"{title} (unimodal)")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(0, 1.02)
+    axes[0, 0].set_ylabel(f"{split} accuracy")
+    axes[0, 0].legend(frameon=False, fontsize=8)
     return fig
 
 

@@ -1,0 +1,62 @@
+"""The diagnosis as HTML sections (used by ``Diagnosis.save`` and the CLI)."""
+
+from __future__ import annotations
+
+from . import plots
+from .html import Section, Table, figure_to_data_uri, render_page
+
+__all__ = ["diagnosis_sections", "diagnosis_html"]
+
+
+def diagnosis_sections(rep, name: str = "", class_names=None) -> list[Section]:
+    """Verdict, evidence, probes' numbers, per-class breakdown and figures of one diagnosis."""
+    label = f" — {name}" if name else ""
+    mods = list(rep.modalities)
+    evidence = Table(["probe", "dominant", "weakest", *mods, "what it measures"],
+                     [[e.probe, e.dominant, e.weakest, *[e.scores[m] for m in mods], e.description]
+                      for e in rep.evidence])
+    numbers = []
+    for m in mods:
+        u = rep.unimodal.unimodal[m]
+        row = [m, u.accuracy, u.true_prob, rep.shapley.mean()[m],
+               rep.shapley.low_contribution_share()[m]]
+        row.append(rep.fisher[m] if rep.fisher else "—")
+        if rep.separability:
+            s = rep.separability[m]
+            row += [s.train_purity, s.val_purity, s.gap, s.linear_probe]
+        else:
+            row += ["—"] * 4
+        if rep.under_optimisation:
+            uo = rep.under_optimisation[m]
+            row += [uo["joint"], uo["alone"], uo["gap"]]
+        else:
+            row += ["—"] * 3
+        numbers.append(row)
+    per_modality = Table(["modality", "unimodal acc", "true-class prob", "mean Shapley",
+                          "low-contrib. share", "Fisher trace", "purity train", "purity val",
+                          "purity gap", "linear probe", "probe joint", "probe alone", "starvation gap"],
+                         numbers)
+    names = class_names or {}
+    per_class = Table(["class", "n", "fused acc", *[f"{m} acc" for m in mods],
+                       *[f"{m} Shapley" for m in mods]],
+                      [[names[c] if isinstance(names, (list, tuple)) and c < len(names) else c,
+                        rec["n"], rec["acc"], *[rec["unimodal_acc"][m] for m in mods],
+                        *[(rec["shapley"] or {}).get(m, float("nan")) for m in mods]]
+                       for c, rec in sorted(rep.per_class.items())])
+    figures = [(figure_to_data_uri(plots.unimodal_bars(rep)), "Unimodal accuracy through the joint head"),
+               (figure_to_data_uri(plots.shapley(rep.shapley)), "Sample-level Shapley contributions")]
+    if rep.separability:
+        figures.append((figure_to_data_uri(plots.separability(rep.separability)),
+                        "Representation separability (k-means purity, linear probe)"))
+    return [
+        Section(f"Verdict{label}", verdict=rep.summary, verdict_warn=not rep.agree,
+                paragraphs=([] if rep.agree else ["Disagreements: " + " ".join(rep.disagreements)])),
+        Section(f"Evidence{label}", tables=[evidence, per_modality], figures=figures),
+        Section(f"Per class{label}", tables=[per_class]),
+        Section(f"Configuration{label}", config=rep.config),
+    ]
+
+
+def diagnosis_html(rep, title: str = "modaldiag diagnosis", class_names=None) -> str:
+    return render_page(title, diagnosis_sections(rep, class_names=class_names),
+                       subtitle=f"modalities: {', '.join(rep.modalities)}")
