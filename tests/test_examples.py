@@ -16,7 +16,8 @@ def _load(name):
 
 
 def test_every_example_is_tested():
-    tested = {"train_joint", "plain_loop", "lightning_example"}
+    tested = {"train_joint", "plain_loop", "lightning_example", "diagnose_wrapped_model",
+              "learning_window", "relearning", "av_folder"}
     assert {p.stem for p in EXAMPLES.glob("*.py")} <= tested
 
 
@@ -30,3 +31,23 @@ def test_lightning_example_runs():
     pytest.importorskip("lightning")
     result = _load("lightning_example").main(epochs=2)
     assert set(result) == {"fou", "pix"}
+
+
+def test_diagnose_wrapped_model_example(tmp_path):
+    result = _load("diagnose_wrapped_model").main(epochs=1, out=str(tmp_path))
+    assert set(result.values()) <= {"accel", "gyro"} and (tmp_path / "report.html").exists()
+
+
+def test_learning_window_example(tmp_path):
+    opened = _load("learning_window").main(epochs=4, out=str(tmp_path))
+    assert set(opened) == {"fou", "pix"} and (tmp_path / "learning_window.png").exists()
+
+
+def test_relearning_example():
+    result = _load("relearning").main(epochs=2)
+    assert set(result) == {"joint", "re-learning"}
+
+
+def test_av_folder_example():
+    result = _load("av_folder").main(epochs=1)
+    assert set(result) == {"audio", "visual"}
