@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: demo test test-all bench bench-quick lint clean
 
@@ -22,6 +23,10 @@ $(DEV_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet -e ".[dev,lightning]"
 	touch $(DEV_STAMP)
 
+$(BENCH_STAMP): $(DEV_STAMP)
+	$(BIN)/pip install --quiet -e ".[dev,lightning,bench]"
+	touch $(BENCH_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/modaldiag demo --out demo-out
 
@@ -31,10 +36,10 @@ test: $(DEV_STAMP)
 test-all: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
-bench: $(DEV_STAMP)
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.run
 
-bench-quick: $(DEV_STAMP)
+bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.run --quick
 
 lint: $(DEV_STAMP)
