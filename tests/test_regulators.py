@@ -330,7 +330,9 @@ def test_composition_rules(synth):
         md.fit(model, loader, epochs=1, regulator=[md.OGM(), md.OGM()], progress=False)
     hist = md.fit(model, loader, epochs=2, progress=False,
                   regulator=[md.ValuationResampling(warmup=1), md.OGM(noise=True), md.OPM()])
-    assert "coefficient" in hist[1]["regulator"] and "extra_copies" in hist[1]["regulator"]
+    logs = hist[1]["regulator"]  # several regulators: namespaced, so OGM's and OPM's rho coexist
+    assert "coefficient" in logs["OGM"] and "extra_copies" in logs["ValuationResampling"]
+    assert set(logs["OGM"]["rho"]) == set(logs["OPM"]["rho"]) == {"a", "b"}
 
 
 @pytest.mark.parametrize("make", [lambda: md.InfoReg(), lambda: md.Relearning(every=1),

@@ -230,13 +230,13 @@ class Regulation:
         ctx = self.ctx
         for cb in self.callbacks:
             cb.on_train_epoch_end(ctx)
-        regulator_logs = {}
-        for cb in self.callbacks:
-            collect = getattr(cb, "collect_logs", None)
-            if collect is not None:
-                regulator_logs.update(collect())
-        if regulator_logs:
-            ctx.log("regulator", regulator_logs)
+        per_regulator = {cb.name: cb.collect_logs() for cb in self.callbacks
+                         if hasattr(cb, "collect_logs")}
+        per_regulator = {name: logs for name, logs in per_regulator.items() if logs}
+        if len(per_regulator) == 1:  # one regulator: regulator.<key>.<modality>
+            ctx.log("regulator", next(iter(per_regulator.values())))
+        elif per_regulator:  # several: regulator.<Name>.<key>.<modality>, no key collisions
+            ctx.log("regulator", per_regulator)
         ctx.batch_index = 0
         return dict(ctx.logs)
 
