@@ -430,3 +430,15 @@ def test_relearning_end_to_end_on_real_pair(fou_pix):
         for m, gap in event["gap"].items():
             assert event["alpha"][m] == pytest.approx(math.tanh(3.0 * gap))
             assert 0 <= gap < 0.1
+
+
+def test_resampling_from_a_user_subset_loader_stays_inside_the_subset(synth):
+    from torch.utils.data import DataLoader, Subset
+
+    subset = Subset(synth.train, list(range(100)))
+    loader = DataLoader(subset, batch_size=32, shuffle=True)
+    model = md.models.default_model(synth, feature_dim=8)
+    hist = md.fit(model, loader, epochs=2, regulator=md.ValuationResampling(warmup=1),
+                  progress=False, monitor=False)
+    extra = sum(hist[1]["regulator"]["extra_copies"].values())
+    assert hist[1]["train"]["n"] == 100 + extra

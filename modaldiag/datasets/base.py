@@ -11,7 +11,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 from ..utils.validation import check_modality_names
 
-__all__ = ["MultimodalDataset", "DatasetSplits", "batch_loader"]
+__all__ = ["MultimodalDataset", "DatasetSplits", "batch_loader", "loader_dataset"]
 
 
 class MultimodalDataset(Dataset):
@@ -84,6 +84,14 @@ class _BatchView(Dataset):
     def __getitem__(self, indices):
         idx = torch.as_tensor(indices, dtype=torch.long)
         return {m: x[idx] for m, x in self.dataset.inputs.items()}, self.dataset.labels[idx]
+
+
+def loader_dataset(loader):
+    """The map-style dataset behind ``loader`` (seeing through modaldiag's batch view only), or None."""
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(dataset, _BatchView):
+        return dataset.dataset
+    return dataset
 
 
 def batch_loader(dataset: MultimodalDataset, batch_size: int = 64, *, shuffle: bool = False,

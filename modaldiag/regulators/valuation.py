@@ -21,6 +21,7 @@ import math
 import torch
 from torch.utils.data import default_collate
 
+from ..datasets.base import loader_dataset
 from ..probes.shapley import shapley
 from ..utils.validation import check_choice
 from .base import Regulator
@@ -35,8 +36,7 @@ def extra_copies(values: torch.Tensor) -> torch.Tensor:
 
 
 def _dataset_and_batch_size(loader):
-    dataset = getattr(loader, "dataset", None)
-    dataset = getattr(dataset, "dataset", dataset)  # modaldiag's batch view wraps the dataset
+    dataset = loader_dataset(loader)
     sampler = getattr(loader, "batch_sampler", None)
     batch_size = getattr(sampler, "batch_size", None) or getattr(loader, "batch_size", None)
     if dataset is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..datasets.base import loader_dataset
 from ..models.contract import MultimodalModel
 from ..utils.io import atomic_torch_save, safe_torch_load
 from ..utils.torch_utils import resolve_device, rng_state, seed_everything, set_rng_state, unwrap
@@ -28,9 +29,7 @@ def default_optimizer(model: torch.nn.Module, lr: float = 0.01, momentum: float 
 
 
 def _label_classes(loader) -> set[int] | None:
-    ds = getattr(loader, "dataset", None)
-    ds = getattr(ds, "dataset", ds)
-    labels = getattr(ds, "labels", None)
+    labels = getattr(loader_dataset(loader), "labels", None)
     if isinstance(labels, torch.Tensor):
         return set(torch.unique(labels).tolist())
     return None
