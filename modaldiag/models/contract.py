@@ -183,6 +183,19 @@ class MultimodalModel(nn.Module):
         absent = {m: self.absent_feature(m, f) for m, f in features.items()}
         return fusion.coalitions(features, absent, masks)
 
+    def unimodal_logits(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{m: head(features, present=(m,))}`` for every modality.
+
+        Uses one stacked evaluation when the head has an exact coalition fast path; otherwise one
+        head call per modality (so a head with batch statistics sees ordinary batches).
+        """
+        first = features[self.modalities[0]]
+        eye = torch.eye(len(self.modalities), dtype=torch.bool, device=first.device)
+        fast = self.fuse_coalitions(features, eye)
+        if fast is not None:
+            return {m: fast[i] for i, m in enumerate(self.modalities)}
+        return {m: self.head(features, present=(m,)) for m in self.modalities}
+
     def forward(
         self, inputs: Mapping[str, torch.Tensor], present: Iterable[str] | str | None = None
     ) -> torch.Tensor:

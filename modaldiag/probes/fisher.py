@@ -67,12 +67,12 @@ class FisherMonitor(Callback):
 
     @torch.no_grad()
     def on_before_optimizer_step(self, ctx: StepContext) -> None:
+        from ..regulators.base import squared_norm
+
         for m in ctx.model.modalities:
-            grads = [p.grad for p in ctx.model.encoders[m].parameters() if p.grad is not None]
-            if not grads:
-                continue
-            s = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
-            self._sums[m] = s if m not in self._sums else self._sums[m] + s
+            s = squared_norm([p.grad for p in ctx.model.encoders[m].parameters() if p.grad is not None])
+            if s is not None:
+                self._sums[m] = s if m not in self._sums else self._sums[m] + s
         self._batches += 1
 
     def on_train_epoch_end(self, ctx: StepContext) -> None:

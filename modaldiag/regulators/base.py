@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 from ..training.callbacks import Callback
 
-__all__ = ["Regulator", "all_reduce_sum", "check_composition", "encoder_parameters"]
+__all__ = ["Regulator", "all_reduce_sum", "check_composition", "encoder_parameters",
+           "squared_norm"]
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -26,6 +27,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """``sum_i ||t_i||^2`` in one fused call (None for an empty list)."""
+    if not tensors:
+        return None
+    return torch.stack(torch._foreach_norm(tensors)).float().pow(2).sum()
 
 
 def encoder_parameters(model, modality: str) -> list[torch.nn.Parameter]:

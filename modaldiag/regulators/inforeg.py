@@ -28,7 +28,7 @@ from ..probes.fisher import fisher_trace
 from ..probes.unimodal import inforeg_gap
 from ..probes.window import window_state
 from ..utils.validation import check_choice
-from .base import Regulator, all_reduce_sum, encoder_parameters
+from .base import Regulator, all_reduce_sum, encoder_parameters, squared_norm
 
 __all__ = ["InfoReg"]
 
@@ -152,18 +152,17 @@ class InfoReg(Regulator):
         model = ctx.model
         if self.trace == "online":
             for m in model.modalities:
-                grads = [p.grad for p in encoder_parameters(model, m) if p.grad is not None]
-                if grads:
-                    s = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+                s = squared_norm([p.grad for p in encoder_parameters(model, m) if p.grad is not None])
+                if s is not None:
                     self._sq[m] = s if m not in self._sq else self._sq[m] + s
             self._steps += 1
         for m, a in self._alpha.items():
-            for p, anchor in zip(encoder_parameters(model, m), self.anchors[m], strict=True):
-                pull = a * (p.detach() - anchor)
+            params = encoder_parameters(model, m)
+            for p in params:
                 if p.grad is None:
-                    p.grad = pull.clone()
-                else:
-                    p.grad.add_(pull)
+                    p.grad = torch.zeros_like(p)
+            diff = torch._foreach_sub([p.detach() for p in params], self.anchors[m])
+            torch._foreach_add_([p.grad for p in params], diff, alpha=a)
 
     def penalty(self, model) -> torch.Tensor:
         """The proximal penalty ``sum_m (alpha_m / 2) ||theta_m - anchor_m||^2`` of the last step

@@ -104,17 +104,22 @@ class OGM(Regulator):
         self.coefficients = k
         self.record("coefficient", k)
         self.record("rho", rho)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + ctx.step) if self.noise else None
+        noisy = self.noise and self.active(ctx.epoch)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + ctx.step) if noisy else None
         for m in model.modalities:
-            for p in self._targets(model, m):
-                if p.grad is None:
-                    continue
-                std = float(p.grad.std()) if self.noise and p.grad.numel() > 1 else 0.0
-                if k[m] != 1.0:
-                    p.grad.mul_(k[m])
-                if self.noise and self.active(ctx.epoch):
-                    eps = torch.randn(p.grad.shape, generator=gen, dtype=p.grad.dtype)
-                    p.grad.add_(eps.to(p.grad.device), alpha=std + 1e-8)
+            grads = [p.grad for p in self._targets(model, m) if p.grad is not None]
+            if not grads:
+                continue
+            if noisy:  # std of the unmodulated gradient, per tensor
+                stds = [g.std() + 1e-8 if g.numel() > 1 else g.new_tensor(1e-8) for g in grads]
+            if k[m] != 1.0:
+                torch._foreach_mul_(grads, k[m])
+            if noisy:
+                total = sum(g.numel() for g in grads)
+                flat = torch.randn(total, generator=gen, dtype=grads[0].dtype).to(grads[0].device)
+                noise = [chunk.view_as(g) for chunk, g in
+                         zip(flat.split([g.numel() for g in grads]), grads, strict=True)]
+                torch._foreach_add_(grads, torch._foreach_mul(noise, stds))
 
     def state_dict(self) -> dict:
         return {}

@@ -61,8 +61,9 @@ class OPM(Regulator):
     @torch.no_grad()
     def drop_plan(self, model, features, labels) -> tuple[str | None, float, dict[str, float]]:
         """The modality to drop, its drop probability q, and the ratios rho."""
-        s = torch.stack([F.softmax(model.head(features, present=(m,)).float(), 1)
-                         .gather(1, labels[:, None]).sum() for m in model.modalities])
+        uni = model.unimodal_logits(features)
+        s = torch.stack([F.softmax(uni[m].float(), 1).gather(1, labels[:, None]).sum()
+                         for m in model.modalities])
         s = all_reduce_sum(s)
         scores = {m: float(s[i]) for i, m in enumerate(model.modalities)}
         rho = ogm_ratio(scores)

@@ -57,8 +57,7 @@ class StepContext:
     def compute_unimodal_logits(self) -> dict[str, torch.Tensor]:
         """Unimodal logits ``{m: head(features, present=(m,))}`` (computed once per step)."""
         if self.unimodal_logits is None:
-            self.unimodal_logits = {m: self.model.head(self.features, present=(m,))
-                                    for m in self.model.modalities}
+            self.unimodal_logits = self.model.unimodal_logits(self.features)
         return self.unimodal_logits
 
     def log(self, key: str, value: Any) -> None:
