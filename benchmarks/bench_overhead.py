@@ -3,7 +3,7 @@
 Per-step regulators (OGM, OPM, InfoReg, MMPareto) are timed per step on the same model and batch;
 per-epoch regulators (Re-learning, valuation re-sampling) are timed per epoch with their epoch
 action amortised (Re-learning every epoch here, so its number is an upper bound for every = H).
-Peak memory: the peak RSS of a fresh process running the same work.
+Peak memory: the peak resident set (VmHWM) of a fresh process running the same work.
 """
 
 from __future__ import annotations
@@ -61,21 +61,26 @@ def step_time(dataset: str, name: str, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def epoch_time(dataset: str, name: str, epochs: int) -> float:
+def epoch_time(dataset: str, name: str, epochs: int) -> tuple[float, float]:
+    """Seconds per epoch and seconds per training sample processed (re-sampling adds samples)."""
     data, model = _setup(dataset)
     train, val = data.train.loader(64, shuffle=True), data.val.loader(512)
     md.fit(model, train, val, epochs=1, progress=False)  # warm-up
     t0 = time.perf_counter()
-    md.fit(model, train, val, epochs=epochs, regulator=EPOCH_REGULATORS[name](), progress=False)
-    return (time.perf_counter() - t0) / epochs
+    hist = md.fit(model, train, val, epochs=epochs, regulator=EPOCH_REGULATORS[name](),
+                  progress=False)
+    seconds = time.perf_counter() - t0
+    samples = sum(r["train"]["n"] for r in hist.epochs)
+    return seconds / epochs, seconds / samples
 
 
 def _peak_rss_mb(kind: str, dataset: str, name: str) -> float:
     code = (
-        "import resource, json, sys\n"
+        "import json, re\n"
         "from benchmarks.bench_overhead import step_time, epoch_time\n"
         f"({kind})({dataset!r}, {name!r}, 3)\n"
-        "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))\n"
+        "status = open('/proc/self/status').read()\n"
+        "print(json.dumps(int(re.search(r'VmHWM:\\s+(\\d+)', status).group(1)) / 1024))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -98,12 +103,23 @@ def run(quick: bool = False) -> list[Table]:
     dataset = "mfeat-fou-pix"
     epochs = 2 if quick else 5
     table = Table(f"Per-epoch cost on {dataset} (md.fit incl. validation, {epochs} epochs)",
-                  ["regulator", "s / epoch", "relative to joint", "target", "peak RSS MB"])
+                  ["regulator", "s / epoch", "relative to joint", "per sample processed",
+                   "amortised (H = 20)", "target", "peak RSS MB"],
+                  note="Re-learning runs its separability diagnosis every epoch here (an upper "
+                       "bound); 'amortised' spreads that cost over the default H = 20 epochs. "
+                       "Valuation re-sampling adds training copies by design; 'per sample "
+                       "processed' is its cost per training sample seen, i.e. the mechanism's "
+                       "overhead without the extra training it prescribes.")
     base = None
     for name in EPOCH_REGULATORS:
-        t = epoch_time(dataset, name, epochs)
-        base = t if name == "joint" else base
-        table.rows.append([name, t, f"{t / base:.2f}x", "—" if name == "joint" else "<= 1.2x",
+        per_epoch, per_sample = epoch_time(dataset, name, epochs)
+        if name == "joint":
+            base = (per_epoch, per_sample)
+        amortised = (f"{1 + (per_epoch / base[0] - 1) / 20:.2f}x" if name.startswith("Re-learning")
+                     else "—")
+        table.rows.append([name, per_epoch, f"{per_epoch / base[0]:.2f}x",
+                           f"{per_sample / base[1]:.2f}x", amortised,
+                           "—" if name == "joint" else "<= 1.2x",
                            _peak_rss_mb("epoch_time", dataset, name)])
     tables.append(table)
     return tables

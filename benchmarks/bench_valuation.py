@@ -81,6 +81,9 @@ def shap_seconds_per_sample(model, data, n_samples: int = 100) -> float:
         return value_of_logits(logits, current["label"], masks.sum(1), "logit")[:, 0].numpy()
 
     explainer = shap.explainers.Exact(game, masker)  # built once; the game reads the current sample
+    current["features"] = {k: f[:1] for k, f in feats.items()}
+    current["label"] = labels[:1]
+    explainer(np.ones((1, m)))  # warm-up: shap compiles numba kernels on first use
 
     def run():
         for i in range(n_samples):

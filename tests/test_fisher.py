@@ -127,3 +127,44 @@ def test_fisher_trace_leaves_wrapped_model_parameters_intact():
     md.fisher_trace(wrapped, [({"a": torch.randn(4, 3), "b": torch.randn(4, 2)}, torch.tensor([0, 1, 0, 1]))])
     for n, p in net.named_parameters():
         assert isinstance(p, nn.Parameter) and p is before[n]
+
+
+class _Custom(nn.Module):
+    """An encoder with a parameter the hook engine does not know (forces the vmap fallback)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(5))
+        self.fc = nn.Linear(5, 4)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x * self.scale))
+
+
+def test_hook_and_vmap_engines_agree_with_the_loop():
+    torch.manual_seed(0)
+    encs = {"img": md.models.Conv2dEncoder(2, 6, channels=(3, 4)),
+            "seq": md.models.Conv1dEncoder(3, 5, channels=(4,)),
+            "vec": md.models.MLPEncoder(7, 4, hidden=(6,))}
+    model = md.MultimodalClassifier(encs, {"img": 6, "seq": 5, "vec": 4}, 3, fusion="gated")
+    x = {"img": torch.randn(10, 2, 8, 8), "seq": torch.randn(10, 3, 12), "vec": torch.randn(10, 7)}
+    y = torch.arange(10) % 3
+    model.train()
+    model(x)  # move BatchNorm running statistics away from their defaults
+    hooks = md.fisher_trace(model, [(x, y)], engine="hooks")
+    vmap = md.fisher_trace(model, [(x, y)], engine="vmap")
+    ref = _loop_reference(model, x, y)
+    for m in model.modalities:
+        assert hooks[m] == pytest.approx(ref[m], rel=1e-4)
+        assert vmap[m] == pytest.approx(ref[m], rel=1e-4)
+
+
+def test_unsupported_encoder_falls_back_to_vmap():
+    torch.manual_seed(0)
+    model = md.MultimodalClassifier({"a": _Custom(), "b": nn.Linear(3, 4)}, {"a": 4, "b": 4}, 3)
+    x, y = {"a": torch.randn(6, 5), "b": torch.randn(6, 3)}, torch.arange(6) % 3
+    ref = _loop_reference(model, x, y)
+    auto = md.fisher_trace(model, [(x, y)])
+    assert auto["a"] == pytest.approx(ref["a"], rel=1e-4)
+    with pytest.raises(ValueError, match="engine='hooks' supports"):
+        md.fisher_trace(model, [(x, y)], engine="hooks")

@@ -2,8 +2,11 @@
 
 Three forms:
 
-- ``per_sample`` (default, the paper): ``Tr F_m = mean_i || grad_{theta_m} CE(x_i, y_i) ||^2``,
-  with per-sample gradients computed vectorised (``torch.func.grad`` + ``vmap``) in chunks;
+- ``per_sample`` (default, the paper): ``Tr F_m = mean_i || grad_{theta_m} CE(x_i, y_i) ||^2``.
+  For encoders built from Linear / Conv1d / Conv2d / BatchNorm layers the per-sample squared norms
+  come from activations and output gradients of one backward pass (no per-sample gradient is
+  materialised, see ``_persample``); any other encoder uses vectorised per-sample gradients
+  (``torch.func.grad`` + ``vmap``) in chunks. ``engine`` forces one of the two;
 - ``batch``: the mean over batches of the squared norm of the mini-batch gradient (what the online
   monitor accumulates during training at almost no cost); it underestimates the per-sample form
   by about the gradient-noise term;
@@ -25,6 +28,7 @@ from tqdm.auto import tqdm
 from ..training.callbacks import Callback, StepContext
 from ..utils.validation import check_choice, check_positive_int
 from ._common import contract_model, eval_mode, iterate_batches
+from ._persample import hook_sq_norms
 
 __all__ = ["FisherMonitor", "grad_sq_norms", "fisher_trace", "FISHER_FORMS"]
 
@@ -103,6 +107,7 @@ def fisher_trace(
     *,
     form: str | None = None,
     chunk_size: int = 64,
+    engine: str = "auto",
     device=None,
     progress: bool = False,
 ) -> dict[str, float]:
@@ -119,6 +124,10 @@ def fisher_trace(
         Overrides ``per_sample``; ``"code"`` is the released code's per-layer-mean form.
     chunk_size : int, default 64
         Samples per vectorised per-sample gradient call (bounds memory).
+    engine : {"auto", "hooks", "vmap"}, default "auto"
+        How per-sample norms are computed: from layer activations and output gradients (exact for
+        Linear/Conv/BatchNorm encoders, one backward per batch) or with ``torch.func`` vmap (any
+        encoder). ``auto`` uses hooks where every encoder layer is supported.
 
     Returns
     -------
@@ -129,13 +138,19 @@ def fisher_trace(
     form = form or ("per_sample" if per_sample else "batch")
     check_choice(form, FISHER_FORMS, "form")
     check_positive_int(chunk_size, "chunk_size")
+    check_choice(engine, ("auto", "hooks", "vmap"), "engine")
     totals = {m: 0.0 for m in net.modalities}
     count = 0
     with eval_mode(net):
         for inputs, labels in tqdm(iterate_batches(net, loader, device), desc=f"fisher ({form})",
                                    unit="batch", disable=not progress, leave=False):
             if form == "per_sample":
-                sq = _per_sample_sq_norms(net, inputs, labels, chunk_size)
+                sq = hook_sq_norms(net, inputs, labels) if engine != "vmap" else None
+                if sq is None:
+                    if engine == "hooks":
+                        raise ValueError("engine='hooks' supports encoders made of Linear, Conv1d, "
+                                         "Conv2d and eval-mode BatchNorm layers only; use 'auto'.")
+                    sq = _per_sample_sq_norms(net, inputs, labels, chunk_size)
                 for m in net.modalities:
                     totals[m] += float(sq[m].sum())
                 count += labels.shape[0]
@@ -190,7 +205,8 @@ def _per_sample_sq_norms(net, inputs, labels, chunk_size) -> dict[str, torch.Ten
         x = {m: t[start:start + chunk_size] for m, t in inputs.items()}
         grads = per_grad(trainable, x, labels[start:start + chunk_size])
         for m in net.modalities:
-            sq = [grads[name].flatten(1).float().pow(2).sum(1) for name in enc_names[m]]
+            sq = [torch.linalg.vector_norm(grads[name].flatten(1), dim=1, dtype=torch.float32).pow(2)
+                  for name in enc_names[m]]
             out[m].append(torch.stack(sq).sum(0) if sq else
                           torch.zeros(labels[start:start + chunk_size].shape[0], device=labels.device))
     return {m: torch.cat(v) for m, v in out.items()}

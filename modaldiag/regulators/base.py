@@ -51,6 +51,20 @@ class Regulator(Callback):
         self._sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self._counts: dict[str, int] = defaultdict(int)
         self._last: dict[str, object] = {}
+        self._groups_key = None
+        self._groups: dict[str, list[torch.nn.Parameter]] = {}
+
+    def groups(self, model) -> dict[str, list[torch.nn.Parameter]]:
+        """Trainable parameters per modality (module identity) plus ``"__head__"``; cached per
+        model (rebuilt if the model or its parameter count changes)."""
+        key = (id(model), sum(1 for _ in model.parameters()))
+        if key != self._groups_key:
+            groups = {m: encoder_parameters(model, m) for m in model.modalities}
+            enc_ids = {id(p) for ps in groups.values() for p in ps}
+            groups["__head__"] = [p for p in model.parameters()
+                                  if p.requires_grad and id(p) not in enc_ids]
+            self._groups, self._groups_key = groups, key
+        return self._groups
 
     # ---------------------------------------------------------------- logging
     def record(self, key: str, values: dict[str, float]) -> None:

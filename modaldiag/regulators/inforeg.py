@@ -150,14 +150,15 @@ class InfoReg(Regulator):
     @torch.no_grad()
     def on_before_optimizer_step(self, ctx) -> None:
         model = ctx.model
+        groups = self.groups(model)
         if self.trace == "online":
             for m in model.modalities:
-                s = squared_norm([p.grad for p in encoder_parameters(model, m) if p.grad is not None])
+                s = squared_norm([p.grad for p in groups[m] if p.grad is not None])
                 if s is not None:
                     self._sq[m] = s if m not in self._sq else self._sq[m] + s
             self._steps += 1
         for m, a in self._alpha.items():
-            params = encoder_parameters(model, m)
+            params = groups[m]
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .base import Regulator, encoder_parameters
+from .base import Regulator
 
 __all__ = ["MMPareto", "pareto_combine"]
 
@@ -89,7 +89,8 @@ class MMPareto(Regulator):
         """For frameworks that run their own backward (Lightning): compute the combined encoder
         gradients now, and write them at ``on_before_optimizer_step`` over the encoders' plain
         summed gradients (head gradients stay the framework's plain sum)."""
-        enc_ids = {id(p) for m in ctx.model.modalities for p in encoder_parameters(ctx.model, m)}
+        groups = self.groups(ctx.model)
+        enc_ids = {id(p) for m in ctx.model.modalities for p in groups[m]}
         combined = self.combined_gradients(ctx, retain_graph=True)
         if self._deferred is None:
             self._deferred = {}
@@ -110,9 +111,9 @@ class MMPareto(Regulator):
         uni_keys = [k for k in ctx.losses if k.startswith("unimodal/")]
         loss_u = sum(ctx.losses[k] for k in uni_keys)
         loss_mm = sum(v for k, v in ctx.losses.items() if k not in uni_keys)
-        enc = {m: encoder_parameters(model, m) for m in model.modalities}
-        enc_ids = {id(p) for ps in enc.values() for p in ps}
-        head = [p for p in model.parameters() if p.requires_grad and id(p) not in enc_ids]
+        groups = self.groups(model)
+        enc = {m: groups[m] for m in model.modalities}
+        head = groups["__head__"]
         params = [p for m in model.modalities for p in enc[m]] + head
 
         def grads(loss, retain):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..probes.unimodal import ogm_ratio
-from .base import Regulator, all_reduce_sum, encoder_parameters
+from .base import Regulator, all_reduce_sum
 
 __all__ = ["OGM", "ogm_coefficients"]
 
@@ -88,7 +88,7 @@ class OGM(Regulator):
         self._score_sums = s if self._score_sums is None else self._score_sums + s
 
     def _targets(self, model, m: str) -> list[nn.Parameter]:
-        return _conv_weights(model.encoders[m]) if self.conv_only else encoder_parameters(model, m)
+        return _conv_weights(model.encoders[m]) if self.conv_only else self.groups(model)[m]
 
     @torch.no_grad()
     def on_before_optimizer_step(self, ctx) -> None:
