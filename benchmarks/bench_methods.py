@@ -123,6 +123,9 @@ def run(quick: bool = False, seeds: int | None = None) -> list[Table]:
             f"difference to joint training, p = paired t-test)",
             ["method", "fused", "Δ fused", "p", f"{shown} (weak) unimodal", f"Δ {shown}", "p ",
              "unimodal, all modalities (mean)", "s/run"],
+            note="Unimodal = the joint head with the other modalities at the zero baseline. s/run is "
+                 "wall time per run, cached from the run that produced it (some runs shared the "
+                 "machine with other jobs): indicative only; the overhead suite has clean timings.",
         )
         base = runs["joint"]
         for method, rs in runs.items():

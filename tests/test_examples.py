@@ -17,7 +17,8 @@ def _load(name):
 
 def test_every_example_is_tested():
     tested = {"train_joint", "plain_loop", "lightning_example", "diagnose_wrapped_model",
-              "learning_window", "relearning", "av_folder"}
+              "learning_window", "relearning", "av_folder",
+              "torchrun_ddp"}  # torchrun_ddp runs under torchrun in tests/test_distributed.py
     assert {p.stem for p in EXAMPLES.glob("*.py")} <= tested
 
 

@@ -442,3 +442,38 @@ def test_resampling_from_a_user_subset_loader_stays_inside_the_subset(synth):
                   progress=False, monitor=False)
     extra = sum(hist[1]["regulator"]["extra_copies"].values())
     assert hist[1]["train"]["n"] == 100 + extra
+
+
+# ---------------------------------------------------------------- mixed precision
+def test_fit_with_autocast_trains(synth):
+    torch.manual_seed(0)
+    model = md.models.default_model(synth, feature_dim=16)
+    hist = md.fit(model, synth.train.loader(64, shuffle=True), synth.val.loader(256), epochs=4,
+                  lr=0.05, amp=True, regulator=md.InfoReg(), progress=False)
+    assert hist[-1]["val"]["acc"] > 0.5 and all(torch.isfinite(p).all() for p in model.parameters())
+    sv = md.shapley(model, synth.val.loader(256), autocast=True)
+    ref = md.shapley(model, synth.val.loader(256))
+    assert (sv.values - ref.values).abs().mean() < 0.1  # bfloat16 logits: close, not identical
+
+
+def test_regulators_see_unscaled_gradients_with_a_grad_scaler(synth):
+    """OGM under a GradScaler (scale 1024) acts on the same gradients as without one."""
+    x, y = next(iter(synth.train.loader(64)))
+
+    def grads(scaler):
+        torch.manual_seed(0)
+        model = md.models.default_model(synth, feature_dim=8)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        seen = {}
+
+        class Spy(md.Callback):
+            def on_before_optimizer_step(self, ctx):
+                seen["g"] = torch.cat([p.grad.flatten() for p in ctx.model.parameters()]).clone()
+
+        run = md.Regulation(model, opt, [md.OGM(alpha=0.5), Spy()], scaler=scaler)
+        run.epoch_start(0, [(x, y)])
+        run.backward(x, y)
+        return seen["g"]
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    torch.testing.assert_close(grads(scaler), grads(None))

@@ -197,9 +197,17 @@ class MultimodalModel(nn.Module):
         return {m: self.head(features, present=(m,)) for m in self.modalities}
 
     def forward(
-        self, inputs: Mapping[str, torch.Tensor], present: Iterable[str] | str | None = None
-    ) -> torch.Tensor:
-        """``head(encode(inputs), present)``: logits ``(B, C)``."""
+        self, inputs: Mapping[str, torch.Tensor], present: Iterable[str] | str | None = None,
+        step=None,
+    ):
+        """``head(encode(inputs), present)``: logits ``(B, C)``.
+
+        ``step`` (internal): a callable ``step(model, inputs)`` run instead, so that a whole
+        training forward (encode, feature transforms, head, unimodal logits) executes inside
+        ``DistributedDataParallel.forward`` and DDP synchronises the gradients of its backward.
+        """
+        if step is not None:
+            return step(self, inputs)
         return self.head(self.encode(inputs), present=present)
 
     # ------------------------------------------------------------------ baselines
@@ -259,9 +267,12 @@ class MultimodalModel(nn.Module):
                 count += next(iter(feats.values())).shape[0]
         finally:
             self.train(was_training)
-        if count == 0:
+        from ..utils.distributed import all_reduce_sum
+
+        total = all_reduce_sum(torch.tensor([float(count)], dtype=torch.float64))
+        if total.item() == 0:
             raise ValueError("the loader is empty: cannot compute mean features.")
-        return {m: (s / count).float() for m, s in sums.items()}
+        return {m: (all_reduce_sum(s) / total).float() for m, s in sums.items()}
 
     # ------------------------------------------------------------------ parameters
     def modality_parameters(self, modality: str) -> Iterator[nn.Parameter]:

@@ -11,7 +11,15 @@ from ..models.contract import MultimodalModel
 from ..utils.torch_utils import module_device, to_device, unwrap
 from ..utils.validation import check_choice, check_inputs, check_labels
 
-__all__ = ["contract_model", "iterate_batches", "eval_mode", "baseline_context"]
+__all__ = ["contract_model", "iterate_batches", "eval_mode", "baseline_context", "autocast_context"]
+
+
+def autocast_context(enabled: bool, inputs):
+    """``torch.autocast`` on the inputs' device (float16 on CUDA, bfloat16 on CPU), or a no-op."""
+    if not enabled:
+        return contextlib.nullcontext()
+    device = next(iter(inputs.values())).device.type
+    return torch.autocast(device, dtype=torch.float16 if device == "cuda" else torch.bfloat16)
 
 
 def contract_model(model) -> MultimodalModel:

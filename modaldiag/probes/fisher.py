@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..training.callbacks import Callback, StepContext
+from ..utils.distributed import all_reduce_sum
 from ..utils.validation import check_choice, check_positive_int
 from ._common import contract_model, eval_mode, iterate_batches
 from ._persample import hook_sq_norms
@@ -157,7 +158,10 @@ def fisher_trace(
             else:
                 _batch_sq_norms(net, inputs, labels, form, totals)
                 count += 1
-    return {m: totals[m] / count for m in net.modalities}
+    # sum over DDP ranks: the trace of the union of every rank's data
+    reduced = all_reduce_sum(torch.tensor([totals[m] for m in net.modalities] + [float(count)],
+                                          dtype=torch.float64))
+    return {m: float(reduced[i] / reduced[-1]) for i, m in enumerate(net.modalities)}
 
 
 def _batch_sq_norms(net, inputs, labels, form, totals) -> None:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ..utils.distributed import all_gather_cat, is_distributed
 from ..utils.validation import check_positive_int
 from ._common import contract_model, eval_mode, iterate_batches
 
@@ -53,7 +54,12 @@ def collect_features(model, loader: Iterable, device=None) -> tuple[dict[str, np
             for m in net.modalities:
                 feats[m].append(f[m].float().flatten(1).cpu().numpy())
             labels.append(y.cpu().numpy())
-    return {m: np.concatenate(v) for m, v in feats.items()}, np.concatenate(labels)
+    out = {m: np.concatenate(v) for m, v in feats.items()}
+    y = np.concatenate(labels)
+    if is_distributed():  # every rank gets the union of the shards, in rank order
+        out = {m: all_gather_cat(torch.from_numpy(v)).numpy() for m, v in out.items()}
+        y = all_gather_cat(torch.from_numpy(y)).numpy()
+    return out, y
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:

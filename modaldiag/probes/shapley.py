@@ -7,6 +7,7 @@ coalitions of a batch go through the head in one stacked call.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterable
@@ -16,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..utils.distributed import all_gather_cat
 from ..utils.validation import check_choice, check_positive_int
-from ._common import baseline_context, contract_model, eval_mode, iterate_batches
+from ._common import autocast_context, baseline_context, contract_model, eval_mode, iterate_batches
 
 __all__ = ["shapley", "ShapleyValues", "VALUE_FUNCTIONS", "coalition_masks", "shapley_weights",
            "value_of_logits"]
@@ -66,6 +68,13 @@ def shapley_weights(masks: torch.Tensor) -> torch.Tensor:
         if s < m:
             w[row, ~masks[row]] = -fact[s] * fact[m - s - 1] / fact[m]
     return w
+
+
+@functools.lru_cache(maxsize=16)
+def _exact_game(m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Coalition masks, Shapley weight matrix and coalition sizes for M players (cached)."""
+    masks = coalition_masks(m)
+    return masks, shapley_weights(masks), masks.sum(1)
 
 
 @dataclass
@@ -218,6 +227,7 @@ def shapley(
     max_rows: int = 65536,
     device=None,
     progress: bool = False,
+    autocast: bool = False,
 ) -> ShapleyValues:
     """Shapley value of every modality for every sample of ``loader``.
 
@@ -242,6 +252,9 @@ def shapley(
         Antithetic pairs per batch in permutation mode.
     max_rows : int, default 65536
         Rows per stacked head call (bounds memory).
+    autocast : bool, default False
+        Run encoders and head under ``torch.autocast`` (float16 on CUDA, bfloat16 on CPU);
+        values are computed from the logits in float64 either way.
 
     Returns
     -------
@@ -259,18 +272,18 @@ def shapley(
     gen = torch.Generator().manual_seed(seed)
 
     if method == "exact":
-        masks = coalition_masks(m)
-        weights = shapley_weights(masks)
-        sizes = masks.sum(1)
+        masks, weights, sizes = _exact_game(m)
 
     vals, fulls, empties, labels_all, preds, errs = [], [], [], [], [], []
     with eval_mode(net), baseline_context(net, baseline, baseline_loader):
         batches = iterate_batches(net, loader, device)
         for inputs, labels in tqdm(batches, desc="shapley", unit="batch", disable=not progress,
                                    leave=False):
-            feats = net.encode(inputs)
+            with autocast_context(autocast, inputs):
+                feats = net.encode(inputs)
             if method == "exact":
-                logits = net.head_coalitions(feats, masks, max_rows=max_rows)
+                with autocast_context(autocast, inputs):
+                    logits = net.head_coalitions(feats, masks, max_rows=max_rows).float()
                 v = value_fn(logits, labels, sizes.to(labels.device)).double()  # (K, B)
                 phi = v.T @ weights.to(v.device)
                 full, empty, pred = v[-1], v[0], logits[-1].argmax(-1)
@@ -283,10 +296,12 @@ def shapley(
             empties.append(empty.cpu())
             labels_all.append(labels.cpu())
             preds.append(pred.cpu())
+    gather = all_gather_cat  # the union over DDP ranks (identity in a single process)
     return ShapleyValues(
-        torch.cat(vals), net.modalities, torch.cat(fulls), torch.cat(empties), torch.cat(labels_all),
-        torch.cat(preds), value if isinstance(value, str) else getattr(value, "__name__", "custom"),
-        baseline, method, torch.cat(errs) if errs else None,
+        gather(torch.cat(vals)), net.modalities, gather(torch.cat(fulls)), gather(torch.cat(empties)),
+        gather(torch.cat(labels_all)), gather(torch.cat(preds)),
+        value if isinstance(value, str) else getattr(value, "__name__", "custom"), baseline, method,
+        gather(torch.cat(errs)) if errs else None,
         2 * n_permutations if method == "permutation" else None,
     )
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from ..utils.distributed import all_reduce_sum
 from ..utils.torch_utils import module_device, to_device, unwrap
 from ..utils.validation import check_inputs, check_labels
 
@@ -90,6 +91,16 @@ def evaluate(model, loader: Iterable, *, device=None) -> EvalResult:
                 uni[m]["ce"] += float(-logp.gather(1, labels[:, None]).sum())
     finally:
         net.train(was_training)
+    # sum every count over DDP ranks: scores of the union of every rank's data
+    packed = torch.tensor([totals["loss"], totals["correct"], totals["n"]]
+                          + [u[k] for u in uni.values() for k in ("correct", "prob", "ce")],
+                          dtype=torch.float64)
+    packed = all_reduce_sum(packed)
+    class_n, class_correct = all_reduce_sum(class_n), all_reduce_sum(class_correct)
+    totals = {"loss": float(packed[0]), "correct": int(packed[1]), "n": int(packed[2])}
+    for i, m in enumerate(mods):
+        uni[m] = {"correct": int(packed[3 + 3 * i]), "prob": float(packed[4 + 3 * i]),
+                  "ce": float(packed[5 + 3 * i])}
     n = totals["n"]
     if n == 0:
         raise ValueError("the loader is empty: nothing to evaluate.")

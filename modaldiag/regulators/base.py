@@ -14,19 +14,12 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-import torch.distributed as dist
 
 from ..training.callbacks import Callback
+from ..utils.distributed import all_reduce_sum
 
 __all__ = ["Regulator", "all_reduce_sum", "check_composition", "encoder_parameters",
            "squared_norm"]
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over all ranks in place when a process group is initialised; return it."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 def squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor | None:

@@ -23,9 +23,9 @@ combination from the same numbers and the replicas stay identical.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..utils.distributed import all_reduce_sum, world_size
 from .base import Regulator
 
 __all__ = ["MMPareto", "pareto_combine"]
@@ -49,11 +49,16 @@ def pareto_combine(g_mm: torch.Tensor, g_u: torch.Tensor, gamma: float = 1.5
 
 
 def _average_over_ranks(tensors: list[torch.Tensor]) -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        world = dist.get_world_size()
-        for t in tensors:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            t.div_(world)
+    """Average gradients over DDP ranks in one flat all-reduce (no-op in a single process)."""
+    world = world_size()
+    if world == 1:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    all_reduce_sum(flat).div_(world)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 class MMPareto(Regulator):

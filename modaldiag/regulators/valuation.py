@@ -23,6 +23,7 @@ from torch.utils.data import default_collate
 
 from ..datasets.base import loader_dataset
 from ..probes.shapley import shapley
+from ..utils.distributed import all_gather_cat, rank, world_size
 from ..utils.validation import check_choice
 from .base import Regulator
 
@@ -52,11 +53,20 @@ class _EpochLoader:
         self.regulator, self.dataset = regulator, dataset
         self.entries, self.masks, self.batch_size, self.generator = entries, masks, batch_size, generator
 
+    def _order(self) -> torch.Tensor:
+        """Shuffled entry positions; under DDP this rank's equal-length share of them."""
+        order = torch.randperm(len(self.entries), generator=self.generator)
+        world = world_size()
+        if world > 1:
+            pad = (-len(order)) % world
+            order = torch.cat([order, order[:pad]])[rank()::world]
+        return order
+
     def __len__(self):
-        return math.ceil(len(self.entries) / self.batch_size)
+        return math.ceil(math.ceil(len(self.entries) / world_size()) / self.batch_size)
 
     def __iter__(self):
-        order = torch.randperm(len(self.entries), generator=self.generator)
+        order = self._order()
         fetch = getattr(self.dataset, "inputs", None)
         for start in range(0, len(order), self.batch_size):
             pick = order[start:start + self.batch_size]
@@ -101,17 +111,28 @@ class ValuationResampling(Regulator):
         return {"level": self.level, "warmup": self.warmup, "alpha": self.alpha,
                 "subset": self.subset, "value": self.value}
 
-    def _value(self, model, dataset, indices, batch_size):
+    def _value(self, model, dataset, indices: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Shapley values ``(len(indices), M)`` of the given samples, identical on every rank.
+
+        Under DDP each rank values its share of ``indices``; the union is gathered and put back in
+        the order of ``indices``.
+        """
         from ..datasets.base import MultimodalDataset, batch_loader
 
+        mine = indices[rank()::world_size()]
         if isinstance(dataset, MultimodalDataset):
-            loader = batch_loader(dataset.subset(indices) if indices is not None else dataset, 512)
+            loader = batch_loader(dataset.subset(mine), 512)
         else:
-            sub = torch.utils.data.Subset(dataset, indices.tolist()) if indices is not None else dataset
-            loader = torch.utils.data.DataLoader(sub, batch_size=batch_size)
+            loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine.tolist()),
+                                                 batch_size=batch_size)
         sv = shapley(model, loader, value=self.value, baseline=self.baseline)
         model.train()
-        return sv
+        order = all_gather_cat(mine)  # the sample index of each gathered row
+        position = torch.empty(len(dataset), dtype=torch.long)
+        position[indices] = torch.arange(len(indices))
+        values = torch.empty(len(indices), len(model.modalities), dtype=sv.values.dtype)
+        values[position[order]] = sv.values
+        return values
 
     def plan(self, model, dataset, batch_size: int, epoch: int):
         """``(entries, masks)`` for this epoch: indices into the dataset and presence masks."""
@@ -120,8 +141,8 @@ class ValuationResampling(Regulator):
         base_idx = torch.arange(n)
         full = torch.ones(n, m, dtype=torch.bool)
         if self.level == "sample":
-            sv = self._value(model, dataset, None, batch_size)
-            counts = extra_copies(sv.values)  # (N, M)
+            values = self._value(model, dataset, base_idx, batch_size)
+            counts = extra_copies(values)  # (N, M)
             extra_idx, extra_masks = [], []
             for j in range(m):
                 reps = counts[:, j]
@@ -131,12 +152,13 @@ class ValuationResampling(Regulator):
                 extra_idx.append(idx)
                 extra_masks.append(mask)
             self.last_counts = {mod: int(counts[:, j].sum()) for j, mod in enumerate(model.modalities)}
-            self.record_epoch("mean_phi", sv.mean())
+            self.record_epoch("mean_phi", {mod: float(values[:, j].mean())
+                                           for j, mod in enumerate(model.modalities)})
         else:
             k = max(1, int(round(self.subset * n)))
             z = torch.randperm(n, generator=gen)[:k].sort().values
-            sv = self._value(model, dataset, z, batch_size)
-            gaps = {mod: 1.0 - v for mod, v in sv.mean().items()}
+            values = self._value(model, dataset, z, batch_size)
+            gaps = {mod: 1.0 - float(values[:, j].mean()) for j, mod in enumerate(model.modalities)}
             spread = max(gaps.values()) - min(gaps.values())
             ratio = self.alpha * (2.0 / 3.0) * spread
             weakest = max(gaps, key=gaps.get)

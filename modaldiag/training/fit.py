@@ -8,10 +8,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from ..datasets.base import loader_dataset
+from ..datasets.base import MultimodalDataset, batch_loader, loader_dataset
 from ..models.contract import MultimodalModel
+from ..utils.distributed import barrier, is_distributed, is_main_process
+from ..utils.distributed import rank as dist_rank
 from ..utils.io import atomic_torch_save, safe_torch_load
 from ..utils.torch_utils import resolve_device, rng_state, seed_everything, set_rng_state, unwrap
 from ..utils.validation import check_choice, check_positive_int
@@ -26,6 +30,19 @@ def default_optimizer(model: torch.nn.Module, lr: float = 0.01, momentum: float 
                       weight_decay: float = 1e-4) -> torch.optim.Optimizer:
     """SGD with momentum 0.9, the optimiser of the published audio-visual baselines."""
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def _as_loader(data, batch_size: int, *, shuffle: bool, seed: int):
+    """``(loader, sampler)``: a Dataset becomes a loader (sharded under DDP); loaders pass through."""
+    if not isinstance(data, Dataset) or isinstance(data, DataLoader):
+        return data, None
+    sampler = None
+    if is_distributed():
+        sampler = DistributedSampler(data, shuffle=shuffle, seed=seed)
+    if isinstance(data, MultimodalDataset):
+        return batch_loader(data, batch_size, shuffle=shuffle, sampler=sampler), sampler
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                      sampler=sampler), sampler
 
 
 def _label_classes(loader) -> set[int] | None:
@@ -57,6 +74,8 @@ def fit(
     on_nonfinite: str = "raise",
     max_grad_norm: float | None = None,
     progress: bool = True,
+    batch_size: int = 64,
+    amp: bool = False,
 ) -> History:
     """Train a multimodal model with cross-entropy, optionally regulated.
 
@@ -89,6 +108,17 @@ def fit(
         With a ``val_loader``, load the weights of the best validation epoch at the end.
     on_nonfinite : {"raise", "skip"}, default "raise"
         What to do with a batch whose loss is NaN/inf.
+    batch_size : int, default 64
+        Used when a Dataset (not a loader) is given.
+    amp : bool, default False
+        Mixed precision: autocast float16 with a GradScaler on CUDA (regulators see unscaled
+        gradients), autocast bfloat16 on CPU.
+
+    Distributed training: when a ``torch.distributed`` process group is initialised (e.g. under
+    ``torchrun``), the model is wrapped in ``DistributedDataParallel`` (or used as given if it
+    already is), RNGs are seeded with ``seed + rank``, a Dataset is sharded with a
+    ``DistributedSampler``, every regulator reduces its statistics over ranks, and only rank 0
+    writes checkpoints and the History file (every rank returns the History).
 
     Returns
     -------
@@ -109,9 +139,15 @@ def fit(
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir.")
     if seed is not None:
-        seed_everything(seed)
+        seed_everything(seed + dist_rank())  # per rank: dropout etc. differ, DDP syncs weights
     dev = resolve_device(device, net)
     model.to(dev)
+    if is_distributed() and not isinstance(model, nn.parallel.DistributedDataParallel):
+        model = nn.parallel.DistributedDataParallel(
+            net, device_ids=[dev.index] if dev.type == "cuda" else None)
+    train_loader, train_sampler = _as_loader(train_loader, batch_size, shuffle=True, seed=seed or 0)
+    if val_loader is not None:
+        val_loader, _ = _as_loader(val_loader, batch_size, shuffle=False, seed=0)
     if optimizer is None:
         optimizer = default_optimizer(net, lr=lr, weight_decay=weight_decay)
     if callable(scheduler) and not hasattr(scheduler, "step"):
@@ -123,9 +159,10 @@ def fit(
 
     from ..probes.unimodal import evaluate
 
+    scaler = torch.amp.GradScaler("cuda") if amp and dev.type == "cuda" else None
     run = Regulation(model, optimizer, regulator, monitor=monitor, callbacks=callbacks,
                      unimodal_loss_weight=unimodal_loss_weight, on_nonfinite=on_nonfinite,
-                     device=dev)
+                     device=dev, amp=amp, scaler=scaler)
     history = History(net.modalities, config={
         "epochs": epochs, "seed": seed, "optimizer": type(optimizer).__name__,
         "lr": optimizer.param_groups[0].get("lr"),
@@ -138,6 +175,7 @@ def fit(
     ctx.history = history
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     start_epoch, best_score, best_state = 0, -float("inf"), None
+    barrier()
     if resume and ckpt is not None and (ckpt / "last.pt").exists():
         state = safe_torch_load(ckpt / "last.pt", map_location=dev)
         net.load_state_dict(state["model"])
@@ -154,11 +192,13 @@ def fit(
         set_rng_state(state["rng"])
 
     run.start(train_loader, val_loader, epochs)
-    bar = tqdm(total=epochs, initial=start_epoch, desc="fit", unit="epoch", disable=not progress,
-               leave=False)
+    bar = tqdm(total=epochs, initial=start_epoch, desc="fit", unit="epoch",
+               disable=not progress or not is_main_process(), leave=False)
     seen_classes: set[int] = set()
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
+        if train_sampler is not None:
+            train_sampler.set_epoch(epoch)
         loader = run.epoch_start(epoch, train_loader)
         model.train()
         for inputs, labels in loader:
@@ -167,7 +207,11 @@ def fit(
                 continue
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm)
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             run.batch_end()
         stats = run.epoch_stats
         if stats["n"] == 0:
@@ -192,14 +236,14 @@ def fit(
                 best_score = val["acc"]
                 best_state = {"epoch": epoch, "model": copy.deepcopy(net.state_dict())}
                 history.meta["best_epoch"] = epoch
-                if ckpt is not None:
+                if ckpt is not None and is_main_process():
                     atomic_torch_save(best_state, ckpt / "best.pt")
         if scheduler is not None:
             scheduler.step()
         record.update(logs)
         record["time_s"] = time.perf_counter() - t0
         history.append(record)
-        if ckpt is not None:
+        if ckpt is not None and is_main_process():
             atomic_torch_save({
                 "epoch": epoch + 1, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -207,6 +251,7 @@ def fit(
                 "best_score": best_score,
             }, ckpt / "last.pt")
             history.save(ckpt / "history.json")
+        barrier()  # no rank runs ahead of rank 0's checkpoint
         bar.set_postfix(loss=f"{record['train']['loss']:.3f}",
                         val_acc=f"{record['val']['acc']:.3f}" if "val" in record else "-")
         bar.update(1)

@@ -16,6 +16,7 @@ A plain PyTorch loop needs four added lines::
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterable, Sequence
 
@@ -85,11 +86,18 @@ class Regulation:
     on_nonfinite : {"raise", "skip"}, default "raise"
         A NaN/inf loss raises a ValueError naming the batch and modality, or (``skip``) the
         batch's backward is skipped and ``backward`` returns None.
+    amp : bool, default False
+        Run the forward under ``torch.autocast`` (float16 on CUDA, bfloat16 on CPU).
+    scaler : torch.amp.GradScaler, optional
+        With float16: ``backward`` scales the loss and the gradients are unscaled before any
+        ``on_before_optimizer_step`` hook, so regulators always see real gradients. Then call
+        ``scaler.step(optimizer); scaler.update()`` instead of ``optimizer.step()``.
     """
 
     def __init__(self, model, optimizer, regulator=None, *, monitor: bool = False,
                  unimodal_loss_weight: float = 0.0, accumulate_grad_batches: int = 1,
-                 on_nonfinite: str = "raise", device=None, callbacks: Sequence[Callback] = ()):
+                 on_nonfinite: str = "raise", device=None, callbacks: Sequence[Callback] = (),
+                 amp: bool = False, scaler=None):
         from ..models.contract import MultimodalModel
         from ..probes.fisher import FisherMonitor
 
@@ -114,6 +122,7 @@ class Regulation:
         self._started = False
         self._micro = 0
         self.epoch_stats: dict = {}
+        self.amp, self.scaler = bool(amp), scaler
 
     @property
     def model(self):
@@ -160,14 +169,13 @@ class Regulation:
         ctx.unimodal_logits, ctx.losses, ctx.loss = None, {}, None
         for cb in self.callbacks:
             cb.on_train_batch_start(ctx)
-        features = model.encode(ctx.inputs)
-        for cb in self.callbacks:
-            features = cb.transform_features(features, ctx)
-        ctx.features = features
-        ctx.logits = model.head(features)
-        ctx.losses["multimodal"] = F.cross_entropy(ctx.logits, ctx.labels)
+        dev_type = ctx.device.type if ctx.device is not None else "cpu"
+        autocast = (torch.autocast(dev_type, dtype=torch.float16 if dev_type == "cuda" else torch.bfloat16)
+                    if self.amp else contextlib.nullcontext())
+        with autocast:
+            self._run_forward(model)
         if self._need_uni:
-            uni = ctx.compute_unimodal_logits()
+            uni = ctx.unimodal_logits
             if self.unimodal_loss_weight > 0:
                 for m, lg in uni.items():
                     ctx.losses[f"unimodal/{m}"] = self.unimodal_loss_weight * F.cross_entropy(lg, ctx.labels)
@@ -193,6 +201,31 @@ class Regulation:
         ctx.batch_index += 1
         return ctx.loss
 
+    def _run_forward(self, model) -> None:
+        ctx = self.ctx
+        if ctx.ddp_model is not None:
+            # through DDP.forward, so DDP arms its gradient all-reduce for this backward; a
+            # callback that runs its own backward (MMPareto) averages its gradients itself
+            sync = (contextlib.nullcontext() if self._backward_owner is None
+                    else ctx.ddp_model.no_sync())
+            with sync:
+                ctx.ddp_model(ctx.inputs, step=self._forward)
+        else:
+            self._forward(model, ctx.inputs)
+
+    def _forward(self, model, inputs) -> torch.Tensor:
+        """Encode, transform features, head (+ unimodal logits); fills ``ctx``."""
+        ctx = self.ctx
+        features = model.encode(inputs)
+        for cb in self.callbacks:
+            features = cb.transform_features(features, ctx)
+        ctx.features = features
+        ctx.logits = model.head(features)
+        ctx.losses["multimodal"] = F.cross_entropy(ctx.logits, ctx.labels)
+        if self._need_uni:
+            ctx.compute_unimodal_logits()
+        return ctx.logits
+
     def after_backward(self) -> None:
         """Hooks after the gradients exist; modulation runs once per optimizer step."""
         for cb in self.callbacks:
@@ -202,6 +235,8 @@ class Regulation:
             self.before_optimizer_step()
 
     def before_optimizer_step(self) -> None:
+        if self.scaler is not None and self.scaler.is_enabled():
+            self.scaler.unscale_(self.ctx.optimizer)  # regulators act on real gradients
         for cb in self.callbacks:
             cb.on_before_optimizer_step(self.ctx)
 
@@ -215,7 +250,7 @@ class Regulation:
         if loss is None:
             return None
         if self._backward_owner is None or not self._backward_owner.backward(self.ctx):
-            loss.backward()
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         self.after_backward()
         return loss.detach()
 
