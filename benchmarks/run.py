@@ -17,7 +17,7 @@ from modaldiag.utils.io import atomic_write_json, atomic_write_text
 from .common import machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITES = ["valuation", "fisher", "overhead", "diagnosis", "methods", "training"]
+SUITES = ["valuation", "fisher", "overhead", "scale", "diagnosis", "methods", "training"]
 
 
 READING = """## Reading the results
