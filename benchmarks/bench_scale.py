@@ -55,8 +55,8 @@ def run(quick: bool = False) -> list[Table]:
          "per-sample results MB", "(peak - start) / results", "max efficiency error"],
         note="Peak RSS = VmHWM of the process. Memory grows only with the O(N * M) per-sample "
              "results: the peak above the starting RSS is a small constant (per-batch work, here "
-             "~25 MB) plus about two copies of the results (per-batch chunks and their final "
-             "concatenation coexist for a moment).",
+             "~25 MB) plus a few transient copies of the results (per-batch chunks and their final "
+             "concatenation coexist for a moment; freed memory stays in the high-water mark).",
     )
     for n in ((10_000, 100_000) if quick else (10_000, 100_000, 1_000_000)):
         out = subprocess.run([sys.executable, "-c", CHILD, str(n), "3"], capture_output=True,
