@@ -9,12 +9,19 @@ from .separability import (
     purity,
     separability,
 )
-from .shapley import VALUE_FUNCTIONS, ShapleyValues, coalition_masks, shapley, shapley_weights
+from .shapley import (
+    VALUE_FUNCTIONS,
+    ShapleyValues,
+    coalition_masks,
+    shapley,
+    shapley_to_disk,
+    shapley_weights,
+)
 from .unimodal import EvalResult, UnimodalScore, evaluate, inforeg_gap, ogm_ratio, unimodal_scores
 from .window import LearningWindow, learning_window, window_state
 
 __all__ = [
-    "shapley", "ShapleyValues", "VALUE_FUNCTIONS", "coalition_masks", "shapley_weights",
+    "shapley", "shapley_to_disk", "ShapleyValues", "VALUE_FUNCTIONS", "coalition_masks", "shapley_weights",
     "fisher_trace", "FisherMonitor", "FISHER_FORMS", "grad_sq_norms",
     "learning_window", "LearningWindow", "window_state",
     "separability", "Separability", "purity", "collect_features", "linear_probe_accuracy",

@@ -8,21 +8,25 @@ coalitions of a batch go through the head in one stacked call.
 from __future__ import annotations
 
 import functools
+import io
 import itertools
+import json
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..utils.distributed import all_gather_cat
+from ..utils.distributed import all_gather_cat, all_reduce_sum, is_distributed
 from ..utils.validation import check_choice, check_positive_int
 from ._common import autocast_context, baseline_context, contract_model, eval_mode, iterate_batches
 
-__all__ = ["shapley", "ShapleyValues", "VALUE_FUNCTIONS", "coalition_masks", "shapley_weights",
-           "value_of_logits"]
+__all__ = ["shapley", "shapley_to_disk", "ShapleyValues", "VALUE_FUNCTIONS", "coalition_masks",
+           "shapley_weights", "value_of_logits"]
 
 VALUE_FUNCTIONS = ("paper", "correct", "prob", "logit", "neg_loss")
 EXACT_MAX_M = 10
@@ -192,6 +196,24 @@ class ShapleyValues:
             out["labels"] = self.labels.tolist()
         return out
 
+    @classmethod
+    def load(cls, directory) -> ShapleyValues:
+        """Read back the chunks written by :func:`shapley_to_disk` (in chunk order)."""
+        directory = Path(directory)
+        summary = json.loads((directory / "summary.json").read_text())
+        chunks = sorted(directory.glob("*chunk-*.npz"))
+        if not chunks:
+            raise ValueError(f"no Shapley chunks in {str(directory)!r}.")
+        parts = {k: [] for k in ("values", "full_value", "empty_value", "labels", "predictions")}
+        for path in chunks:
+            with np.load(path, allow_pickle=False) as data:
+                for k in parts:
+                    parts[k].append(torch.from_numpy(data[k]))
+        cat = {k: torch.cat(v) for k, v in parts.items()}
+        return cls(cat["values"], tuple(summary["modalities"]), cat["full_value"],
+                   cat["empty_value"], cat["labels"], cat["predictions"], summary["value"],
+                   summary["baseline"], summary["method"])
+
     def __repr__(self) -> str:
         means = ", ".join(f"{m}={v:.3f}" for m, v in self.mean().items())
         return f"ShapleyValues(n={len(self)}, value={self.value!r}, method={self.method!r}, mean: {means})"
@@ -304,6 +326,61 @@ def shapley(
         gather(torch.cat(errs)) if errs else None,
         2 * n_permutations if method == "permutation" else None,
     )
+
+
+def shapley_to_disk(model, loader: Iterable, directory, value: str = "paper", baseline: str = "zero",
+                    method: str = "auto", *, resume: bool = True, progress: bool = False,
+                    **kwargs) -> dict:
+    """Value a dataset of any size with memory bounded independently of N.
+
+    Each batch's per-sample results are written atomically to ``directory/chunk-NNNNNN.npz``
+    (``rank<r>-chunk-...`` under DDP); only running sums stay in memory. With ``resume=True``
+    batches whose chunk already exists are not recomputed, so an interrupted run continues where
+    it stopped (the loader must yield the same batches in the same order). Returns the summary
+    (also written to ``summary.json``): mean contribution and low-contribution share per
+    modality, and N. Read everything back with :meth:`ShapleyValues.load`.
+    """
+    from ..utils.distributed import rank
+    from ..utils.io import atomic_write_bytes, atomic_write_json
+
+    net = contract_model(model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    prefix = f"rank{rank()}-" if is_distributed() else ""
+    m = len(net.modalities)
+    sums = torch.zeros(m, dtype=torch.float64)
+    low = torch.zeros(m, dtype=torch.float64)
+    n = 0
+    for b, batch in enumerate(tqdm(loader, desc="shapley", unit="batch", disable=not progress,
+                                   leave=False)):
+        path = directory / f"{prefix}chunk-{b:06d}.npz"
+        if resume and path.exists():
+            with np.load(path, allow_pickle=False) as data:
+                values, full = torch.from_numpy(data["values"]), torch.from_numpy(data["full_value"])
+        else:
+            sv = shapley(net, [batch], value=value, baseline=baseline, method=method, **kwargs)
+            values, full = sv.values, sv.full_value
+            buffer = io.BytesIO()
+            np.savez(buffer, values=sv.values.numpy(), full_value=sv.full_value.numpy(),
+                     empty_value=sv.empty_value.numpy(), labels=sv.labels.numpy(),
+                     predictions=sv.predictions.numpy())
+            atomic_write_bytes(path, buffer.getvalue())
+        sums += values.sum(0)
+        low += (values < (full / m).unsqueeze(1)).double().sum(0)
+        n += values.shape[0]
+    totals = all_reduce_sum(torch.cat([sums, low, torch.tensor([float(n)], dtype=torch.float64)]))
+    total_n = float(totals[-1])
+    if total_n == 0:
+        raise ValueError("the loader is empty: no samples to value.")
+    summary = {"modalities": list(net.modalities), "value": value, "baseline": baseline,
+               "method": method if method != "auto" else ("exact" if m <= EXACT_MAX_M else "permutation"),
+               "n": int(total_n),
+               "mean": {mod: float(totals[i] / total_n) for i, mod in enumerate(net.modalities)},
+               "low_contribution_share": {mod: float(totals[m + i] / total_n)
+                                          for i, mod in enumerate(net.modalities)}}
+    if not is_distributed() or rank() == 0:
+        atomic_write_json(directory / "summary.json", summary)
+    return summary
 
 
 def _permutation_batch(net, feats, labels, value_fn, m, n_pairs, gen, max_rows):
