@@ -14,7 +14,7 @@ import torch.distributed as dist
 import modaldiag as md
 
 
-def main(epochs: int = 5, backend: str = "gloo") -> dict:
+def main(epochs: int = 5, backend: str = "gloo", out: str = "runs/ddp-example") -> dict:
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if distributed and not dist.is_initialized():
         dist.init_process_group(backend)
@@ -31,7 +31,7 @@ def main(epochs: int = 5, backend: str = "gloo") -> dict:
     # is wrapped in DistributedDataParallel; InfoReg all-reduces its scores so every rank applies
     # the same coefficients; only rank 0 writes the checkpoint folder.
     history = md.fit(model, data.train, val_loader=data.val, epochs=epochs, regulator=md.InfoReg(),
-                     batch_size=64, device=device, checkpoint_dir="runs/ddp-example", progress=False)
+                     batch_size=64, device=device, checkpoint_dir=out, progress=False)
     # probes on a distributed loader: each rank values its shard, results are the union
     shard = data.test.subset(range(rank, len(data.test), dist.get_world_size() if distributed else 1))
     sv = md.shapley(model, shard.loader(256))
@@ -47,5 +47,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--backend", default="gloo", choices=("gloo", "nccl"))
+    parser.add_argument("--out", default="runs/ddp-example", help="checkpoint folder (rank 0 writes)")
     args = parser.parse_args()
-    main(args.epochs, args.backend)
+    main(args.epochs, args.backend, args.out)

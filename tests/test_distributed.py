@@ -88,5 +88,5 @@ def test_lightning_ddp_strategy_two_cpu_processes(tmp_path, regulator):
 
 
 def test_torchrun_example(tmp_path):
-    _torchrun(ROOT / "examples" / "torchrun_ddp.py", "--epochs", "1")
-    assert (ROOT / "runs" / "ddp-example" / "history.json").exists()
+    _torchrun(ROOT / "examples" / "torchrun_ddp.py", "--epochs", "1", "--out", tmp_path / "run")
+    assert (tmp_path / "run" / "history.json").exists() and (tmp_path / "run" / "last.pt").exists()
