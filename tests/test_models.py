@@ -155,3 +155,26 @@ def test_custom_fusion_module_gets_full_feature_dict():
     custom = md.MultimodalClassifier(dict(model.encoders), model.feature_dims, 3, fusion=Max())
     out = custom(make_inputs(model))
     assert out.shape == (6, 3)
+
+
+def test_head_that_ignores_present_is_refused():
+    class Leaky(md.MultimodalClassifier):
+        def head(self, features, present=None):  # bypasses the baseline substitution
+            return self.fuse(features)
+
+    torch.manual_seed(0)
+    base = make_model(2, "concat")
+    leaky = Leaky(dict(base.encoders), base.feature_dims, 3)
+    x = make_inputs(base)
+    with pytest.raises(ValueError, match="head ignores present="):
+        md.shapley(leaky, [(x, torch.arange(6) % 3)])
+    md.shapley(base, [(x, torch.arange(6) % 3)])  # the honest one passes
+
+
+def test_encoder_failure_names_the_modality():
+    model = make_model(2)
+    x = make_inputs(model)
+    with pytest.raises(ValueError, match=r"encoder for modality 'm1' failed on its input of shape \(6, 3\)"):
+        model({"m0": x["m0"], "m1": x["m1"][:, :3]})
+    with pytest.raises(ValueError, match="dtype torch.float64"):
+        model({"m0": x["m0"].double(), "m1": x["m1"]})

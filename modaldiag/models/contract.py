@@ -77,7 +77,16 @@ class MultimodalModel(nn.Module):
         check_inputs(inputs, self.modalities)
         features = {}
         for m in self.modalities:
-            feats = self.encoders[m](inputs[m])
+            x = inputs[m]
+            try:
+                feats = self.encoders[m](x)
+            except (RuntimeError, TypeError) as exc:
+                raise ValueError(
+                    f"the encoder for modality {m!r} failed on its input of shape "
+                    f"{tuple(x.shape)}, dtype {x.dtype}, device {x.device}: {exc} -- check that "
+                    "the loader's tensors for this modality have the shape and dtype the encoder "
+                    "expects (e.g. float32, channels first)."
+                ) from exc
             if not isinstance(feats, torch.Tensor):
                 raise TypeError(
                     f"encoder for modality {m!r} returned {type(feats).__name__}; it must return a "
@@ -89,6 +98,25 @@ class MultimodalModel(nn.Module):
 
     def _check_feature_shapes(self, features: Mapping[str, torch.Tensor]) -> None:
         """Hook for subclasses that know the feature dimensions."""
+
+    @torch.no_grad()
+    def check_absence(self, features: Mapping[str, torch.Tensor]) -> None:
+        """Raise if the head's output depends on an absent modality's features.
+
+        Absence must be the baseline substitution of :meth:`head`; a subclass that overrides
+        ``head``/``fuse`` and reads features (or raw inputs) some other way breaks every probe
+        and regulator built on ``present``. Called once by ``md.shapley`` and ``md.diagnose``.
+        """
+        for m in self.modalities:
+            others = [k for k in self.modalities if k != m]
+            base = self.head(features, present=others)
+            perturbed = dict(features)
+            perturbed[m] = features[m] + 1.0 + features[m].abs()
+            if not torch.allclose(self.head(perturbed, present=others), base, rtol=1e-4, atol=1e-5):
+                raise ValueError(
+                    f"the model's head ignores present=: its output changes when the features of "
+                    f"the absent modality {m!r} change. Absent modalities must be replaced by "
+                    "their baseline (MultimodalModel.head does this; do not bypass it in fuse).")
 
     # ------------------------------------------------------------------ head
     def fuse(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
