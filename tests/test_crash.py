@@ -83,3 +83,26 @@ def test_sigkill_at_a_random_moment_then_resume(tmp_path, reference, seed):
     assert _epochs_done(ckpt) < EPOCHS
     # whatever survived loads safely (weights_only) and resumes to the same end point
     _assert_identical(_run(ckpt, tmp_path / "final.pt", "--resume", "--slow"), reference)
+
+
+def test_corrupt_or_malicious_checkpoints_are_refused_cleanly(tmp_path):
+    import pickle
+
+    from modaldiag.utils.io import safe_torch_load
+
+    ok = tmp_path / "ok.pt"
+    torch.save({"w": torch.ones(3)}, ok)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(ok.read_bytes()[:40])
+    with pytest.raises(ValueError, match="cannot load checkpoint .*truncated.pt.* safely"):
+        safe_torch_load(truncated)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"model": Evil()}))
+    with pytest.raises(ValueError, match="nothing was executed"):
+        safe_torch_load(evil)
+    assert not (tmp_path / "pwned").exists()

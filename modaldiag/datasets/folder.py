@@ -14,6 +14,7 @@ Each sample is ``({"audio": (1, F, T), "visual": (num_frames, 3, H, W)}, label)`
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,19 +44,27 @@ def _inside(root: Path, relative: str, what: str) -> Path:
 def _read_csv(path: Path) -> list[tuple[str, str]]:
     if not path.is_file():
         raise ValueError(f"clip list {str(path)!r} does not exist.")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"clip list {path.name!r} is not UTF-8 text ({exc.reason} at byte "
+                         f"{exc.start}); save it as a UTF-8 CSV.") from None
+    try:
+        parsed = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as exc:
+        raise ValueError(f"clip list {path.name!r} is not a valid CSV: {exc}.") from None
     rows = []
-    with open(path, newline="", encoding="utf-8") as fh:
-        for lineno, row in enumerate(csv.reader(fh), start=1):
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) < 2:
-                raise ValueError(f"{path.name}:{lineno}: expected '<clip id>,<label>'; got {row!r}.")
-            clip, label = row[0].strip(), row[1].strip()
-            if lineno == 1 and label.lower() in ("label", "class", "y"):
-                continue
-            if not clip or not label:
-                raise ValueError(f"{path.name}:{lineno}: empty clip id or label in {row!r}.")
-            rows.append((clip, label))
+    for lineno, row in enumerate(parsed, start=1):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) < 2:
+            raise ValueError(f"{path.name}:{lineno}: expected '<clip id>,<label>'; got {row!r}.")
+        clip, label = row[0].strip(), row[1].strip()
+        if lineno == 1 and label.lower() in ("label", "class", "y"):
+            continue
+        if not clip or not label:
+            raise ValueError(f"{path.name}:{lineno}: empty clip id or label in {row!r}.")
+        rows.append((clip, label))
     if not rows:
         raise ValueError(f"clip list {str(path)!r} lists no clips.")
     return rows

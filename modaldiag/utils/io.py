@@ -49,8 +49,22 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """Load a checkpoint without executing code (``weights_only=True``)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """Load a checkpoint without executing code (``weights_only=True``).
+
+    A file that is corrupt, truncated, or holds objects other than tensors and plain containers
+    (e.g. a pickle that would run code) raises a ValueError that says so.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # torch raises RuntimeError / UnpicklingError / EOFError / ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"cannot load checkpoint {str(path)!r} safely: {first}. It is corrupt, truncated or "
+            "contains more than tensors and plain containers (nothing was executed); delete it "
+            "to start over, or re-create it with modaldiag."
+        ) from None
 
 
 class atomic_directory:
