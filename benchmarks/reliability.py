@@ -6,6 +6,8 @@ and what survived, and the soak run. Nothing in that page is written by hand:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import pickle
 import signal
@@ -29,10 +31,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _error(fn) -> tuple[str, str]:
+    err = io.StringIO()
     try:
-        fn()
+        with contextlib.redirect_stderr(err):
+            fn()
     except SystemExit as exc:
-        return "SystemExit", f"exit code {exc.code}"
+        lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
+        return "SystemExit", f"exit code {exc.code}: {lines[-1] if lines else ''}"
     except Exception as exc:  # noqa: BLE001 - we report whatever the user would see
         return type(exc).__name__, str(exc).splitlines()[0][:300]
     return "(no error)", ""
