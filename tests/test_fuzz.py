@@ -78,3 +78,16 @@ def test_garbage_csv_gives_a_clean_error(tmp_path, payload):
     for i in range(min(len(ds), 3)):  # files are missing: a ValueError naming the clip, nothing else
         with pytest.raises(ValueError):
             ds[i]
+
+
+def test_probes_refuse_nonfinite_inputs_naming_batch_and_modality():
+    torch.manual_seed(0)
+    model = md.MultimodalClassifier({"a": md.models.MLPEncoder(3, 4), "b": md.models.MLPEncoder(2, 4)},
+                                    {"a": 4, "b": 4}, 3)
+    x = {"a": torch.randn(5, 3), "b": torch.randn(5, 2)}
+    bad = {"a": x["a"], "b": x["b"].clone()}
+    bad["b"][2, 0] = float("inf")
+    loader = [(x, torch.arange(5) % 3), (bad, torch.arange(5) % 3)]
+    for probe in (md.shapley, md.fisher_trace, md.unimodal_scores):
+        with pytest.raises(ValueError, match="modality 'b' in batch 1 contains NaN/inf"):
+            probe(model, loader)

@@ -50,6 +50,11 @@ def iterate_batches(model: MultimodalModel, loader: Iterable, device=None,
     for b, (inputs, labels) in enumerate(loader):
         size = check_inputs(inputs, model.modalities, batch_index=b)
         labels = check_labels(labels, model.num_classes or 10**9, batch_size=size, batch_index=b)
+        for m, x in inputs.items():
+            if x.is_floating_point() and not torch.isfinite(x).all():
+                raise ValueError(
+                    f"input of modality {m!r} in batch {b} contains NaN/inf; probes would return "
+                    "NaN values. Clean or drop those samples first.")
         n += size
         yield to_device(inputs, device), labels.to(device)
     if n == 0:

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from ..utils.distributed import all_reduce_sum
-from ..utils.torch_utils import module_device, to_device, unwrap
-from ..utils.validation import check_inputs, check_labels
+from ..utils.torch_utils import module_device, unwrap
+from ._common import iterate_batches
 
 __all__ = ["UnimodalScore", "EvalResult", "evaluate", "unimodal_scores", "ogm_ratio", "inforeg_gap"]
 
@@ -66,10 +66,8 @@ def evaluate(model, loader: Iterable, *, device=None) -> EvalResult:
     class_n = torch.zeros(n_classes, dtype=torch.long)
     class_correct = torch.zeros(len(mods) + 1, n_classes, dtype=torch.long)
     try:
-        for b, (inputs, labels) in enumerate(loader):
-            size = check_inputs(inputs, mods, batch_index=b)
-            labels = check_labels(labels, net.num_classes, batch_size=size, batch_index=b)
-            inputs, labels = to_device(inputs, device), labels.to(device)
+        for inputs, labels in iterate_batches(net, loader, device):
+            size = labels.shape[0]
             feats = net.encode(inputs)
             logits = net.head(feats)
             totals["loss"] += float(F.cross_entropy(logits, labels, reduction="sum"))
