@@ -303,8 +303,8 @@ def shapley(
                                    leave=False):
             with autocast_context(autocast, inputs):
                 feats = net.encode(inputs)
-            if not vals:
-                net.check_absence(feats)
+                if not vals:
+                    net.check_absence(feats)
             if method == "exact":
                 with autocast_context(autocast, inputs):
                     logits = net.head_coalitions(feats, masks, max_rows=max_rows).float()
