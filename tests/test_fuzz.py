@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import modaldiag as md
 from modaldiag.cli import main
 
-SETTINGS = settings(max_examples=25, deadline=None,
+SETTINGS = settings(max_examples=int(__import__("os").environ.get("MD_FUZZ_EXAMPLES", 25)), deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
