@@ -7,25 +7,14 @@ import lightning.pytorch as pl
 import torch
 
 import modaldiag as md
-from modaldiag.integrations.lightning import ModalDiagCallback, modaldiag_loss
-
-
-class Lit(pl.LightningModule):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def training_step(self, batch, batch_idx):
-        return modaldiag_loss(self, batch)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+from modaldiag.integrations.lightning import ModalDiagCallback, ModalDiagModule
 
 
 def main(epochs: int = 8) -> dict:
     data = md.datasets.load("mfeat-fou-pix")
     torch.manual_seed(0)
-    lit = Lit(md.models.default_model(data))
+    lit = ModalDiagModule(md.models.default_model(data), lr=0.01)  # or your own LightningModule
+    # whose training_step returns modaldiag_loss(self, batch)
     callback = ModalDiagCallback(md.OGM(alpha=0.8, noise=True))
     trainer = pl.Trainer(max_epochs=epochs, callbacks=[callback], accelerator="cpu", devices=1,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,

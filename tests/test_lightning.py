@@ -4,19 +4,11 @@ import torch
 import modaldiag as md
 
 pl = pytest.importorskip("lightning.pytorch")
-from modaldiag.integrations.lightning import ModalDiagCallback, modaldiag_loss  # noqa: E402
+from modaldiag.integrations.lightning import ModalDiagCallback, ModalDiagModule  # noqa: E402
 
 
-class Lit(pl.LightningModule):
-    def __init__(self, model, lr=0.05):
-        super().__init__()
-        self.model, self.lr = model, lr
-
-    def training_step(self, batch, batch_idx):
-        return modaldiag_loss(self, batch)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+def Lit(model):  # noqa: N802 - the test's module: SGD(lr=0.05, momentum=0.9), no weight decay
+    return ModalDiagModule(model, lr=0.05, weight_decay=0.0)
 
 
 def _trainer(cb, epochs=2, **kw):

@@ -35,7 +35,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from ..training.loop import Regulation
 
-__all__ = ["ModalDiagCallback", "modaldiag_loss"]
+__all__ = ["ModalDiagCallback", "ModalDiagModule", "modaldiag_loss"]
 
 
 def _flatten(prefix: str, value, out: dict) -> None:
@@ -158,3 +158,30 @@ def modaldiag_loss(pl_module, batch) -> torch.Tensor:
         model = pl_module.model
         return torch.nn.functional.cross_entropy(model(inputs), labels)
     return cb.training_loss(batch)
+
+
+class ModalDiagModule(pl.LightningModule):
+    """A ready LightningModule around a modaldiag model: ``training_step`` goes through
+    :func:`modaldiag_loss` (so a :class:`ModalDiagCallback` sees every batch), SGD with momentum.
+
+    Parameters
+    ----------
+    model : MultimodalModel
+    lr, momentum, weight_decay : float
+        Optimiser settings (defaults 0.01, 0.9, 1e-4, as ``md.fit``).
+    """
+
+    def __init__(self, model, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 1e-4):
+        super().__init__()
+        self.model = model
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+
+    def forward(self, inputs):
+        return self.model(inputs)
+
+    def training_step(self, batch, batch_idx):
+        return modaldiag_loss(self, batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum,
+                               weight_decay=self.weight_decay)

@@ -7,26 +7,14 @@ import lightning.pytorch as pl
 import torch
 
 import modaldiag as md
-from modaldiag.integrations.lightning import ModalDiagCallback, modaldiag_loss
-
-
-class Lit(pl.LightningModule):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def training_step(self, batch, batch_idx):
-        return modaldiag_loss(self, batch)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+from modaldiag.integrations.lightning import ModalDiagCallback, ModalDiagModule
 
 
 def main(out: str, regulator: str) -> None:
     d = md.datasets.synthetic(n_samples=400, num_classes=3, strength={"a": 2.0, "b": 0.6},
                               dims={"a": 8, "b": 8}, seed=0)
     torch.manual_seed(0)
-    lit = Lit(md.models.default_model(d, feature_dim=8))
+    lit = ModalDiagModule(md.models.default_model(d, feature_dim=8), lr=0.05, weight_decay=0.0)
     reg = {"OGM-GE": md.OGM(noise=True), "InfoReg": md.InfoReg(), "MMPareto": md.MMPareto()}[regulator]
     trainer = pl.Trainer(max_epochs=2, strategy="ddp", accelerator="cpu", devices=2, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False,
