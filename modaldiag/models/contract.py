@@ -121,7 +121,9 @@ class MultimodalModel(nn.Module):
     # ------------------------------------------------------------------ head
     def fuse(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Map a complete feature dict to logits ``(B, C)``. Implemented by subclasses."""
-        raise NotImplementedError
+        raise TypeError(
+            f"{type(self).__name__} must implement fuse(features) -> logits (B, C); build models "
+            "with md.MultimodalClassifier or md.wrap, or subclass and define fuse.")
 
     def absent_feature(self, modality: str, feature: torch.Tensor) -> torch.Tensor:
         """The baseline that stands in for ``modality`` when it is absent, shaped like ``feature``."""
