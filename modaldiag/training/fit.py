@@ -182,6 +182,8 @@ def fit(
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
         run.load_state_dict(state["regulation"])
         history = History.from_dict(state["history"])
         ctx.history = history
@@ -247,6 +249,7 @@ def fit(
             atomic_torch_save({
                 "epoch": epoch + 1, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "scaler": scaler.state_dict() if scaler is not None else None,
                 "regulation": run.state_dict(), "history": history.to_dict(), "rng": rng_state(),
                 "best_score": best_score,
             }, ckpt / "last.pt")
