@@ -113,19 +113,22 @@ class Diagnosis:
     def save(self, directory, *, title: str = "modaldiag diagnosis", class_names=None) -> Path:
         """Write ``diagnosis.json``, ``report.html`` and figures (PNG + SVG) into ``directory``.
 
-        Each file is written atomically (temp file + rename).
+        Each file is written atomically (temp file + rename); each figure is drawn once.
         """
         from ..report import plots
+        from ..report.diagnosis import diagnosis_figures, diagnosis_html
+        from ..report.html import figure_to_data_uri
         from ..utils.io import atomic_write_text
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_json(directory / "diagnosis.json", self.to_dict())
-        atomic_write_text(directory / "report.html", self.to_html(title, class_names))
-        plots.save_figure(plots.shapley(self.shapley), directory / "shapley")
-        plots.save_figure(plots.unimodal_bars(self), directory / "unimodal")
-        if self.separability:
-            plots.save_figure(plots.separability(self.separability), directory / "separability")
+        embedded = []
+        for stem, (fig, caption) in diagnosis_figures(self).items():
+            embedded.append((figure_to_data_uri(fig, close=False), caption))
+            plots.save_figure(fig, directory / stem)
+        atomic_write_text(directory / "report.html",
+                          diagnosis_html(self, title, class_names, figures=embedded))
         return directory
 
     def __repr__(self) -> str:

@@ -65,9 +65,9 @@ def write_comparison(runs, out, *, diagnoses: dict | None = None,
     table = Table(["run", "fused test acc", *[f"{m} unimodal" for m in mods], "best epoch (val)",
                    "learning window open (epochs)", "regulator"], rows)
     fig = plots.compare(histories)
-    plots.save_figure(plots.compare(histories), out / "compare")
-    figures = [(figure_to_data_uri(fig), "Validation accuracy per epoch: fused and each modality "
-                                         "through the joint head (line style = run)")]
+    figures = [(figure_to_data_uri(fig, close=False), "Validation accuracy per epoch: fused and "
+                "each modality through the joint head (line style = run)")]
+    plots.save_figure(fig, out / "compare")
     for r in runs:
         try:
             figures.append((figure_to_data_uri(plots.learning_window(r.history)),

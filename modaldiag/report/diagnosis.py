@@ -5,11 +5,25 @@ from __future__ import annotations
 from . import plots
 from .html import Section, Table, figure_to_data_uri, render_page
 
-__all__ = ["diagnosis_sections", "diagnosis_html"]
+__all__ = ["diagnosis_sections", "diagnosis_html", "diagnosis_figures"]
 
 
-def diagnosis_sections(rep, name: str = "", class_names=None) -> list[Section]:
-    """Verdict, evidence, probes' numbers, per-class breakdown and figures of one diagnosis."""
+def diagnosis_figures(rep) -> dict:
+    """The diagnosis figures by file stem: ``{stem: (Figure, caption)}``."""
+    figures = {"unimodal": (plots.unimodal_bars(rep), "Unimodal accuracy through the joint head"),
+               "shapley": (plots.shapley(rep.shapley), "Sample-level Shapley contributions")}
+    if rep.separability:
+        figures["separability"] = (plots.separability(rep.separability),
+                                   "Representation separability (k-means purity, linear probe)")
+    return figures
+
+
+def diagnosis_sections(rep, name: str = "", class_names=None,
+                       figures: list[tuple[str, str]] | None = None) -> list[Section]:
+    """Verdict, evidence, probes' numbers, per-class breakdown and figures of one diagnosis.
+
+    ``figures``: already rendered ``(data URI, caption)`` pairs (rendered here when omitted).
+    """
     label = f" — {name}" if name else ""
     mods = list(rep.modalities)
     evidence = Table(["probe", "dominant", "weakest", *mods, "what it measures"],
@@ -43,11 +57,8 @@ def diagnosis_sections(rep, name: str = "", class_names=None) -> list[Section]:
                         rec["n"], rec["acc"], *[rec["unimodal_acc"][m] for m in mods],
                         *[(rec["shapley"] or {}).get(m, float("nan")) for m in mods]]
                        for c, rec in sorted(rep.per_class.items())])
-    figures = [(figure_to_data_uri(plots.unimodal_bars(rep)), "Unimodal accuracy through the joint head"),
-               (figure_to_data_uri(plots.shapley(rep.shapley)), "Sample-level Shapley contributions")]
-    if rep.separability:
-        figures.append((figure_to_data_uri(plots.separability(rep.separability)),
-                        "Representation separability (k-means purity, linear probe)"))
+    if figures is None:
+        figures = [(figure_to_data_uri(fig), caption) for fig, caption in diagnosis_figures(rep).values()]
     return [
         Section(f"Verdict{label}", verdict=rep.summary, verdict_warn=not rep.agree,
                 paragraphs=([] if rep.agree else ["Disagreements: " + " ".join(rep.disagreements)])),
@@ -57,6 +68,7 @@ def diagnosis_sections(rep, name: str = "", class_names=None) -> list[Section]:
     ]
 
 
-def diagnosis_html(rep, title: str = "modaldiag diagnosis", class_names=None) -> str:
-    return render_page(title, diagnosis_sections(rep, class_names=class_names),
+def diagnosis_html(rep, title: str = "modaldiag diagnosis", class_names=None,
+                   figures: list[tuple[str, str]] | None = None) -> str:
+    return render_page(title, diagnosis_sections(rep, class_names=class_names, figures=figures),
                        subtitle=f"modalities: {', '.join(rep.modalities)}")

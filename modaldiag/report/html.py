@@ -34,13 +34,14 @@ def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def figure_to_data_uri(fig, dpi: int = 110) -> str:
-    """PNG data URI of a matplotlib figure (the figure is closed)."""
+def figure_to_data_uri(fig, dpi: int = 110, close: bool = True) -> str:
+    """PNG data URI of a matplotlib figure (closed unless ``close=False``)."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    if close:
+        plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
