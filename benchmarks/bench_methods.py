@@ -2,7 +2,8 @@
 
 Same split, budget (epochs), optimiser, encoders and augmentation (none) for every method; model
 selection on the validation split only; numbers on the test split. Each finished run is cached
-atomically in benchmarks/results/method_runs.json, so an interrupted benchmark resumes.
+atomically in benchmarks/results/method_runs.json (results-quick/ in quick mode), so an
+interrupted benchmark resumes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ from modaldiag.utils.io import atomic_write_json
 
 from .common import Table
 
-CACHE = Path(__file__).resolve().parent / "results" / "method_runs.json"
+RESULTS = Path(__file__).resolve().parent
+
+
+def _cache_path(quick: bool) -> Path:
+    return RESULTS / ("results-quick" if quick else "results") / "method_runs.json"
 
 DATASETS = {  # name: (epochs, batch size, weak modality shown)
     "synthetic": (30, 64, "b"),
@@ -53,9 +58,9 @@ def _data(name: str):
     return md.datasets.load(name)
 
 
-def _load_cache() -> dict:
-    if CACHE.exists():
-        return json.loads(CACHE.read_text())
+def _load_cache(path: Path) -> dict:
+    if path.exists():
+        return json.loads(path.read_text())
     return {}
 
 
@@ -102,7 +107,8 @@ def _fmt_p(p: float, method: str) -> str:
 def run(quick: bool = False, seeds: int | None = None) -> list[Table]:
     n_seeds = seeds or (2 if quick else 5)
     datasets = {k: v for k, v in DATASETS.items() if not quick or k in ("synthetic", "mfeat-fou-pix")}
-    cache = _load_cache()
+    cache_path = _cache_path(quick)
+    cache = _load_cache(cache_path)
     tables = []
     summary: dict[str, dict[str, float]] = {}
     for name, (epochs, bs, weak) in datasets.items():
@@ -114,7 +120,7 @@ def run(quick: bool = False, seeds: int | None = None) -> list[Table]:
                 key = f"{name}|{method}|{seed}|{epochs}"
                 if key not in cache:
                     cache[key] = run_one(name, method, seed, epochs, bs)
-                    atomic_write_json(CACHE, cache)
+                    atomic_write_json(cache_path, cache)
                 runs.setdefault(method, []).append(cache[key])
         mods = list(runs["joint"][0]["unimodal"])
         shown = weak or min(mods, key=lambda m: np.mean([r["unimodal"][m] for r in runs["joint"]]))

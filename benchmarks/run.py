@@ -52,7 +52,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="*", choices=SUITES, help="run only these suites")
     args = parser.parse_args(argv)
     info = machine_info()
-    results_dir = ROOT / "benchmarks" / "results"
+    # quick runs (CI-sized) never overwrite the published full results or docs/benchmarks.md
+    results_dir = ROOT / "benchmarks" / ("results-quick" if args.quick else "results")
     for suite in args.only or SUITES:
         module = importlib.import_module(f"benchmarks.bench_{suite}")
         print(f"== {suite}", flush=True)
@@ -62,7 +63,10 @@ def main(argv=None) -> int:
         atomic_write_json(results_dir / f"{suite}.json",
                           {"suite": suite, "quick": args.quick, "machine": info,
                            "tables": [t.to_dict() for t in tables]})
-    render(results_dir, ROOT / "docs" / "benchmarks.md")
+    if args.quick:
+        print(f"quick mode: results in {results_dir}; docs/benchmarks.md left unchanged")
+    else:
+        render(results_dir, ROOT / "docs" / "benchmarks.md")
     return 0
 
 
