@@ -77,10 +77,9 @@ def evaluate(model, loader: Iterable, *, device=None) -> EvalResult:
             y_cpu = labels.cpu()
             class_n += torch.bincount(y_cpu, minlength=n_classes)
             class_correct[0] += torch.bincount(y_cpu[hit.cpu()], minlength=n_classes)
-            masks = torch.eye(len(mods), dtype=torch.bool)
-            uni_logits = net.head_coalitions(feats, masks)
+            uni_logits = net.unimodal_logits(feats)
             for i, m in enumerate(mods):
-                lg = uni_logits[i]
+                lg = uni_logits[m]
                 logp = F.log_softmax(lg.float(), dim=1)
                 uhit = lg.argmax(1) == labels
                 uni[m]["correct"] += int(uhit.sum())

@@ -14,12 +14,20 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 
 from ..training.callbacks import Callback
 from ..utils.distributed import all_reduce_sum
 
 __all__ = ["Regulator", "all_reduce_sum", "check_composition", "encoder_parameters",
-           "squared_norm"]
+           "squared_norm", "true_class_prob_sums"]
+
+
+@torch.no_grad()
+def true_class_prob_sums(unimodal_logits, labels: torch.Tensor, modalities) -> torch.Tensor:
+    """``(M,)``: per modality, the batch sum of the softmax probability of the true class."""
+    return torch.stack([F.softmax(unimodal_logits[m].detach().float(), 1)
+                        .gather(1, labels[:, None]).sum() for m in modalities])
 
 
 def squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor | None:

@@ -28,7 +28,7 @@ from ..probes.fisher import fisher_trace
 from ..probes.unimodal import inforeg_gap
 from ..probes.window import window_state
 from ..utils.validation import check_choice
-from .base import Regulator, all_reduce_sum, encoder_parameters, squared_norm
+from .base import Regulator, all_reduce_sum, encoder_parameters, squared_norm, true_class_prob_sums
 
 __all__ = ["InfoReg"]
 
@@ -113,15 +113,12 @@ class InfoReg(Regulator):
     # ------------------------------------------------------------------ step
     def _scores(self, ctx) -> dict[str, float]:
         labels = ctx.labels
-        stats = []
-        for m in ctx.model.modalities:
-            logits = ctx.unimodal_logits[m].detach().float()
-            if self.score == "neg_ce":
-                stats.append(-F.cross_entropy(logits, labels, reduction="sum"))
-            else:
-                stats.append(F.softmax(logits, 1).gather(1, labels[:, None]).sum())
-        totals = all_reduce_sum(torch.stack(stats + [torch.tensor(float(labels.shape[0]),
-                                                                  device=labels.device)]))
+        if self.score == "neg_ce":
+            stats = torch.stack([-F.cross_entropy(ctx.unimodal_logits[m].detach().float(), labels,
+                                                  reduction="sum") for m in ctx.model.modalities])
+        else:
+            stats = true_class_prob_sums(ctx.unimodal_logits, labels, ctx.model.modalities)
+        totals = all_reduce_sum(torch.cat([stats, stats.new_tensor([float(labels.shape[0])])]))
         count = 1.0 if self.score == "code" else float(totals[-1])  # code: the batch sum
         return {m: float(totals[i]) / count for i, m in enumerate(ctx.model.modalities)}
 

@@ -20,11 +20,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..probes.unimodal import ogm_ratio
-from .base import Regulator, all_reduce_sum
+from .base import Regulator, all_reduce_sum, true_class_prob_sums
 
 __all__ = ["OGM", "ogm_coefficients"]
 
@@ -82,8 +81,7 @@ class OGM(Regulator):
     @torch.no_grad()
     def on_after_forward(self, ctx) -> None:
         labels = ctx.labels
-        s = torch.stack([F.softmax(ctx.unimodal_logits[m].detach().float(), 1)
-                         .gather(1, labels[:, None]).sum() for m in ctx.model.modalities])
+        s = true_class_prob_sums(ctx.unimodal_logits, labels, ctx.model.modalities)
         # accumulated until the optimizer step (gradient accumulation sees all micro-batches)
         self._score_sums = s if self._score_sums is None else self._score_sums + s
 

@@ -17,10 +17,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ..probes.unimodal import ogm_ratio
-from .base import Regulator, all_reduce_sum
+from .base import Regulator, all_reduce_sum, true_class_prob_sums
 
 __all__ = ["OPM", "opm_drop_probability"]
 
@@ -62,8 +61,7 @@ class OPM(Regulator):
     def drop_plan(self, model, features, labels) -> tuple[str | None, float, dict[str, float]]:
         """The modality to drop, its drop probability q, and the ratios rho."""
         uni = model.unimodal_logits(features)
-        s = torch.stack([F.softmax(uni[m].float(), 1).gather(1, labels[:, None]).sum()
-                         for m in model.modalities])
+        s = true_class_prob_sums(uni, labels, model.modalities)
         s = all_reduce_sum(s)
         scores = {m: float(s[i]) for i, m in enumerate(model.modalities)}
         rho = ogm_ratio(scores)
