@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 __all__ = ["seed_everything", "to_device", "module_device", "unwrap", "resolve_device",
-           "rng_state", "set_rng_state"]
+           "rng_state", "set_rng_state", "preserved_state"]
 
 
 def seed_everything(seed: int) -> None:
@@ -73,3 +73,47 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class preserved_state:
+    """Context manager: whatever happens inside, the model and the global RNGs end as found.
+
+    Restores, on exit (also after an exception): every submodule's ``training`` flag, every
+    parameter's ``requires_grad`` and ``.grad`` (the same tensor object), every buffer's values
+    (e.g. BatchNorm running statistics, ``num_batches_tracked``), and the python / numpy / torch
+    (and CUDA) global RNG states. Probes run inside it, so a probe never changes the user's model
+    or the random stream their training continues with.
+
+    ``restore_values=True`` also restores parameter *values* (for code that edits weights
+    temporarily); by default parameters are only checked-free (probes never write them).
+    """
+
+    def __init__(self, model: nn.Module | None, *, restore_values: bool = False):
+        self.model, self.restore_values = model, restore_values
+
+    def __enter__(self):
+        self._rng = rng_state()
+        model = self.model
+        if model is not None:
+            self._modes = [(mod, mod.training) for mod in model.modules()]
+            self._params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+            self._buffers = [(b, b.detach().clone()) for b in model.buffers()]
+            self._values = ([(p, p.detach().clone()) for p in model.parameters()]
+                            if self.restore_values else [])
+        return model
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.model is not None:
+            with torch.no_grad():
+                for mod, training in self._modes:
+                    mod.training = training
+                for p, requires_grad, grad in self._params:
+                    p.requires_grad_(requires_grad)
+                    p.grad = grad
+                for b, saved in self._buffers:
+                    if b.shape == saved.shape:
+                        b.copy_(saved)
+                for p, saved in self._values:
+                    p.copy_(saved)
+        set_rng_state(self._rng)
+        return False

@@ -18,6 +18,20 @@ __all__ = [
     "check_present",
     "check_finite",
     "check_features",
+    "check_positive_int",
+    "check_choice",
+    "unpack_batch",
+    "Interval",
+    "Options",
+    "InstanceOf",
+    "Satisfies",
+    "validate_params",
+    "POSITIVE",
+    "NON_NEGATIVE",
+    "PROBABILITY",
+    "POSITIVE_INT",
+    "NON_NEGATIVE_INT",
+    "BOOL",
 ]
 
 _FORBIDDEN_CHARS = ".\n\r\t"
@@ -173,3 +187,169 @@ def check_choice(value: str, choices: Sequence[str], name: str) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}; got {value!r}.")
     return value
+
+
+# ---------------------------------------------------------------- declared parameter constraints
+class Interval:
+    """A numeric range constraint, e.g. ``Interval(0, None, closed="neither")`` for ``x > 0``.
+
+    ``integer=True`` requires an ``int`` (``bool`` is refused). NaN and inf are always refused
+    unless an unbounded side admits inf explicitly (``allow_inf=True``).
+    """
+
+    def __init__(self, low: float | None, high: float | None, *, closed: str = "both",
+                 integer: bool = False, allow_inf: bool = False):
+        if closed not in ("both", "left", "right", "neither"):
+            raise ValueError(f"closed must be both/left/right/neither; got {closed!r}.")
+        self.low, self.high, self.closed = low, high, closed
+        self.integer, self.allow_inf = integer, allow_inf
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a finite number"
+        if self.low is None and self.high is None:
+            return kind
+        left = "[" if self.closed in ("both", "left") else "("
+        right = "]" if self.closed in ("both", "right") else ")"
+        lo = "-inf" if self.low is None else f"{self.low:g}"
+        hi = "inf" if self.high is None else f"{self.high:g}"
+        return f"{kind} in {left}{lo}, {hi}{right}"
+
+    def accepts(self, value) -> bool:
+        if isinstance(value, bool):
+            return False
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                return False
+            value = value.item()
+        if self.integer:
+            if not isinstance(value, int):
+                return False
+        elif not isinstance(value, (int, float)):
+            return False
+        value = float(value)
+        if math.isnan(value) or (math.isinf(value) and not self.allow_inf):
+            return False
+        if self.low is not None:
+            if value < self.low or (value == self.low and self.closed in ("right", "neither")):
+                return False
+        if self.high is not None:
+            if value > self.high or (value == self.high and self.closed in ("left", "neither")):
+                return False
+        return True
+
+
+class Options:
+    """One of a fixed set of values (compared with ``==``)."""
+
+    def __init__(self, *choices):
+        self.choices = choices
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(repr(c) for c in self.choices)
+
+    def accepts(self, value) -> bool:
+        return any(value == c and type(value) is type(c) for c in self.choices)
+
+
+class InstanceOf:
+    """An instance of one of the given types (``bool`` is not an ``int`` here)."""
+
+    def __init__(self, *types: type, what: str | None = None):
+        self.types, self.what = types, what
+
+    def describe(self) -> str:
+        return self.what or "an instance of " + " or ".join(t.__name__ for t in self.types)
+
+    def accepts(self, value) -> bool:
+        if isinstance(value, bool) and bool not in self.types:
+            return False
+        return isinstance(value, self.types)
+
+
+class Satisfies:
+    """A value for which ``predicate(value)`` is true; ``what`` says what that means."""
+
+    def __init__(self, predicate, what: str):
+        self.predicate, self.what = predicate, what
+
+    def describe(self) -> str:
+        return self.what
+
+    def accepts(self, value) -> bool:
+        try:
+            return bool(self.predicate(value))
+        except Exception:  # noqa: BLE001 - a predicate that cannot judge refuses
+            return False
+
+
+#: shorthands for the common constraints
+POSITIVE = Interval(0, None, closed="neither")
+NON_NEGATIVE = Interval(0, None, closed="left")
+PROBABILITY = Interval(0, 1, closed="both")
+POSITIVE_INT = Interval(1, None, integer=True)
+NON_NEGATIVE_INT = Interval(0, None, integer=True)
+BOOL = InstanceOf(bool, what="True or False")
+
+
+def _as_constraint(c):
+    if c is None:
+        return Options(None)
+    if isinstance(c, str):
+        return Options(c)
+    if isinstance(c, type):
+        return InstanceOf(c)
+    return c
+
+
+def validate_params(constraints: Mapping[str, Sequence], params: Mapping[str, object],
+                    owner: str) -> None:
+    """Check every parameter against its declared constraints (scikit-learn's idea).
+
+    ``constraints`` maps a parameter name to a list of admissible constraints (a value passes when
+    any of them accepts it): :class:`Interval`, :class:`Options`, :class:`InstanceOf`,
+    :class:`Satisfies`, a type, a string literal, or ``None`` (meaning ``None`` is allowed).
+    Raises a ValueError (TypeError for the wrong kind of object) that names ``owner``, the
+    parameter, what was given and what is admissible.
+    """
+    for name, value in params.items():
+        if name not in constraints:
+            continue
+        allowed = [_as_constraint(c) for c in constraints[name]]
+        if any(c.accepts(value) for c in allowed):
+            continue
+        described = " or ".join(c.describe() for c in allowed)
+        numeric = any(isinstance(c, Interval) for c in allowed)
+        wrong_kind = not numeric and not any(isinstance(c, (Options, Satisfies)) for c in allowed)
+        shown = repr(value) if not isinstance(value, torch.Tensor) else f"tensor {value.tolist()!r}"
+        exc = TypeError if wrong_kind else ValueError
+        raise exc(f"{owner}: {name} must be {described}; got {shown}.")
+
+
+def unpack_batch(batch, modalities: Sequence[str] | None = None, *,
+                 batch_index: int | None = None) -> tuple[Mapping, torch.Tensor]:
+    """``(inputs, labels)`` from one loader item, or a ValueError that says how to adapt the loader.
+
+    modaldiag's loaders yield ``(inputs: dict[str, Tensor], labels: LongTensor)``. Published
+    audio-visual code yields tuples such as ``(audio, video, label)``: the message names what was
+    received and shows the one-line adapter (``md.datasets.adapt_loader``).
+    """
+    where = f" (batch {batch_index})" if batch_index is not None else ""
+    names = list(modalities) if modalities is not None else ["audio", "visual"]
+    example = ", ".join(f"{m!r}: b[{i}]" for i, m in enumerate(names))
+    recipe = (f"md.datasets.adapt_loader(loader, lambda b: ({{{example}}}, b[{len(names)}]))")
+    if isinstance(batch, Mapping):
+        raise ValueError(
+            f"the loader{where} yielded a dict with keys {sorted(map(str, batch))}; modaldiag "
+            "expects (inputs: dict[str, Tensor], labels: LongTensor) pairs. Adapt it, e.g. "
+            f"md.datasets.adapt_loader(loader, lambda b: ({{m: b[m] for m in {names!r}}}, b['label'])).")
+    if not isinstance(batch, (tuple, list)):
+        raise ValueError(
+            f"the loader{where} yielded a {type(batch).__name__}; modaldiag expects "
+            f"(inputs: dict[str, Tensor], labels: LongTensor) pairs. Adapt it: {recipe}.")
+    if len(batch) != 2 or not isinstance(batch[0], Mapping):
+        kinds = ", ".join(type(b).__name__ for b in batch)
+        raise ValueError(
+            f"the loader{where} yielded a {type(batch).__name__} of {len(batch)} items ({kinds}); "
+            "modaldiag expects (inputs: dict[str, Tensor], labels: LongTensor), one dict entry "
+            f"per modality. Adapt it without copying data: {recipe}.")
+    return batch[0], batch[1]
