@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 from benchmarks.cases import all_cases, run_case
+
 
 def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
-        import tempfile
-        from pathlib import Path
-
-        tmp = Path(tempfile.mkdtemp(prefix="modaldiag-reliability-"))
-        cases = all_cases(tmp)
+        cases = all_cases(Path(tempfile.mkdtemp(prefix="modaldiag-reliability-")))
         metafunc.parametrize("case", cases, ids=[f"{c.area}:{c.name}" for c in cases])
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 __all__ = ["Case", "Outcome", "AREAS", "all_cases", "run_case"]
 
 #: the modules holding cases, in the order the page shows them
-AREAS = ("files", "training", "probes", "fisher", "regulators", "models")
+AREAS = ("inputs", "files", "training", "probes", "fisher", "regulators", "models")
 
 
 @dataclass
