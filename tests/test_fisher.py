@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -5,7 +7,7 @@ from conftest import FUSIONS, make_inputs, make_model
 from torch import nn
 
 import modaldiag as md
-from modaldiag.probes import FisherMonitor
+from modaldiag.training import FisherMonitor
 
 
 def _loop_reference(model, x, y):
@@ -166,5 +168,359 @@ def test_unsupported_encoder_falls_back_to_vmap():
     ref = _loop_reference(model, x, y)
     auto = md.fisher_trace(model, [(x, y)])
     assert auto["a"] == pytest.approx(ref["a"], rel=1e-4)
-    with pytest.raises(ValueError, match="engine='hooks' supports"):
+    assert auto.engine == "vmap" and "'a' (_Custom) owns parameters" in auto.reason
+    with pytest.raises(ValueError, match=r"engine='hooks' cannot compute .*module 'a' \(_Custom\)"):
         md.fisher_trace(model, [(x, y)], engine="hooks")
+
+
+# ------------------------------------------------------------ any encoder: engines and fallbacks
+def _loop(model, x, y):
+    """Reference: one forward and backward per sample, ``sum ||grad||^2`` over each encoder's
+    parameters (a shared parameter counts for every encoder that reaches it)."""
+    model.eval()
+    ref = {m: 0.0 for m in model.modalities}
+    for i in range(len(y)):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model({m: t[i:i + 1] for m, t in x.items()}), y[i:i + 1]).backward()
+        for m in model.modalities:
+            ref[m] += sum(float(p.grad.pow(2).sum()) for p in model.encoders[m].parameters()
+                          if p.grad is not None) / len(y)
+    model.zero_grad(set_to_none=True)
+    return ref
+
+
+def _assert_equals_loop(tr, ref):
+    for m, v in ref.items():
+        assert v > 0
+        assert tr[m] == pytest.approx(v, rel=1e-4), (m, tr[m], v)
+
+
+def _vec_model(enc_a, enc_b, dims=(4, 4), num_classes=3, seed=0):
+    torch.manual_seed(seed)
+    return md.MultimodalClassifier({"a": enc_a, "b": enc_b}, {"a": dims[0], "b": dims[1]}, num_classes)
+
+
+def _vec_batch(n=7, da=5, db=5, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return {"a": torch.randn(n, da, generator=g), "b": torch.randn(n, db, generator=g)}, torch.arange(n) % 3
+
+
+def test_published_style_av_model_auto_falls_back_to_vmap_and_equals_the_loop():
+    from models_av import make_av_batch, make_av_model
+
+    _, wrapped = make_av_model()
+    x, y = make_av_batch(6)
+    ref = _loop(wrapped, x, y)
+    auto = md.fisher_trace(wrapped, [({m: t[:4] for m, t in x.items()}, y[:4]),
+                                     ({m: t[4:] for m, t in x.items()}, y[4:])], chunk_size=3)
+    assert isinstance(auto, dict) and auto.engine == "vmap" and auto.n_samples == 6
+    assert "'visual.conv1' (Conv2d) receives 8 rows for 4 samples" in auto.reason
+    _assert_equals_loop(auto, ref)
+    _assert_equals_loop(md.fisher_trace(wrapped, [(x, y)], engine="loop"), ref)
+    _assert_equals_loop(md.fisher_trace(wrapped, [(x, y)], engine="vmap"), ref)
+
+
+def test_forced_hooks_on_folded_frames_names_the_module_not_the_input():
+    from models_av import make_av_batch, make_av_model
+
+    _, wrapped = make_av_model()
+    x, y = make_av_batch(6)
+    with pytest.raises(ValueError, match=r"engine='hooks' cannot .*'visual\.conv1' \(Conv2d\) "
+                                         r"receives 12 rows for 6 samples.*video frames") as info:
+        md.fisher_trace(wrapped, [(x, y)], engine="hooks")
+    assert "input of shape" not in str(info.value)
+
+
+def test_resnet_blocks_with_inplace_relu_and_residual_add_use_hooks_exactly():
+    from models_av import TinyResNet, make_av_batch
+
+    torch.manual_seed(0)
+    audio = TinyResNet("audio", 1)
+    model = md.MultimodalClassifier({"audio": audio, "vec": nn.Linear(3, 4)},
+                                    {"audio": audio.out_dim, "vec": 4}, 4)
+    x, y = make_av_batch(6)
+    x = {"audio": x["audio"], "vec": torch.randn(6, 3)}
+    model.train()
+    with torch.no_grad():
+        model({m: t * 2 + 0.3 for m, t in x.items()})  # non-default running statistics
+    ref = _loop(model, x, y)
+    tr = md.fisher_trace(model, [(x, y)])
+    assert tr.engine == "hooks" and tr.reason is None
+    _assert_equals_loop(tr, ref)
+
+
+class _SharedTwice(nn.Module):
+    def __init__(self, shared, out):
+        super().__init__()
+        self.shared, self.out = shared, nn.Linear(5, out)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.shared(x)))
+
+
+def test_module_shared_by_two_modalities_counts_for_both():
+    torch.manual_seed(0)
+    shared = nn.Linear(5, 5)
+    model = _vec_model(shared, _SharedTwice(shared, 4), dims=(5, 4))
+    x, y = _vec_batch()
+    ref = _loop(model, x, y)
+    tr = md.fisher_trace(model, [(x, y)])
+    assert tr.engine == "vmap" and "shared by the encoders of 'a' and 'b'" in tr.reason
+    _assert_equals_loop(tr, ref)  # 'a' is the shared module alone: the old code returned 0.0
+    with pytest.raises(ValueError, match="'b.shared' is shared by the encoders of 'a' and 'b'"):
+        md.fisher_trace(model, [(x, y)], engine="hooks")
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(5, 5), nn.Linear(5, 4)
+        self.l3 = nn.Linear(5, 5)
+        self.l3.weight = self.l1.weight  # tied inside one encoder
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l3(torch.tanh(self.l1(x)))))
+
+
+def test_weight_tied_inside_one_encoder():
+    model = _vec_model(_Tied(), nn.Linear(5, 4))
+    x, y = _vec_batch()
+    ref = _loop(model, x, y)
+    tr = md.fisher_trace(model, [(x, y)])
+    assert tr.engine == "vmap" and "a.l3.weight is shared with a.l1.weight (tied" in tr.reason
+    _assert_equals_loop(tr, ref)
+
+
+class _Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return self.lin(torch.tanh(self.lin(x)))
+
+
+class _Functional(nn.Module):
+    """The layer runs once, and its weight is also used directly (invisible to hooks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return self.lin(x) + 0.5 * F.linear(torch.tanh(x), self.lin.weight)
+
+
+@pytest.mark.parametrize("enc,why", [(_Twice, "'a.lin' (Linear) runs 2 times in one forward"),
+                                     (_Functional, "a.lin.weight gets gradient from outside")])
+def test_parameter_used_more_than_once_falls_back(enc, why):
+    model = _vec_model(enc(), nn.Linear(5, 4), dims=(5, 4))
+    x, y = _vec_batch()
+    ref = _loop(model, x, y)
+    tr = md.fisher_trace(model, [(x, y)])
+    assert tr.engine == "vmap" and why in tr.reason
+    _assert_equals_loop(tr, ref)
+    with pytest.raises(ValueError, match=re.escape(why)):
+        md.fisher_trace(model, [(x, y)], engine="hooks")
+
+
+class _BatchCentred(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 4)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h - 0.5 * h.mean(0, keepdim=True)
+
+
+def test_samples_interacting_in_the_forward_are_detected():
+    model = _vec_model(_BatchCentred(), nn.Linear(5, 4))
+    x, y = _vec_batch()
+    ref = _loop(model, x, y)
+    tr = md.fisher_trace(model, [(x, y)])
+    assert tr.engine == "vmap" and "samples interact" in tr.reason
+    _assert_equals_loop(tr, ref)
+
+
+def test_compiled_encoder():
+    torch.manual_seed(0)
+    try:
+        enc = torch.compile(nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 4)),
+                            backend="eager")
+        enc(torch.randn(2, 5))
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"torch.compile cannot run on this build: {exc}")
+    model = _vec_model(enc, nn.Linear(5, 4))
+    x, y = _vec_batch()
+    ref = _loop(model, x, y)
+    tr = md.fisher_trace(model, [(x, y)])
+    assert tr.engine in ("vmap", "loop") and "compiled or scripted" in tr.reason
+    _assert_equals_loop(tr, ref)  # the old hook engine returned 0.0 for 'a'
+    with pytest.raises(ValueError, match="module 'a' \\(OptimizedModule\\) is compiled"):
+        md.fisher_trace(model, [(x, y)], engine="hooks")
+
+
+class _TrainModeBN(nn.BatchNorm1d):
+    """A BatchNorm that stays in training mode (model.eval() does not reach it)."""
+
+    def train(self, mode=True):
+        return super().train(True)
+
+
+class _TrainBNEncoder(nn.Module):
+    """(B, 3, 5) -> Linear -> BatchNorm over (B, 6, 3) kept in training mode -> mean -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.bn, self.out = nn.Linear(5, 6), _TrainModeBN(6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = self.bn(self.lin(x).transpose(1, 2))
+        return self.out(torch.relu(h).mean(2))
+
+
+def test_batchnorm_in_training_mode_uses_the_loop_and_keeps_its_statistics():
+    model = _vec_model(_TrainBNEncoder(), nn.Linear(5, 4))
+    x, y = _vec_batch()
+    x["a"] = torch.randn(7, 3, 5, generator=torch.Generator().manual_seed(4))
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    ref = _loop(model, x, y)
+    with torch.no_grad():  # undo the reference loop's running-statistics updates
+        for n, b in model.named_buffers():
+            b.copy_(before[n])
+    tr = md.fisher_trace(model, [(x, y)])
+    assert tr.engine == "loop"
+    assert "BatchNorm 'a.bn' normalises with batch statistics" in tr.reason
+    assert "vmap cannot run the model" in tr.reason
+    _assert_equals_loop(tr, ref)
+    for n, b in model.named_buffers():
+        assert torch.equal(b, before[n]), n
+    assert model.encoders["a"].bn.training and not model.training
+
+
+class _Branchy(nn.Module):
+    """Data-dependent control flow (vmap cannot trace it) and a parameter hooks do not know."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((5,), 1.5))
+        self.lin = nn.Linear(5, 4)
+
+    def forward(self, x):
+        h = self.lin(x * self.scale)
+        return torch.tanh(h) if float(h.detach().sum()) > 0 else h
+
+
+def test_data_dependent_control_flow_uses_the_loop():
+    model = _vec_model(_Branchy(), nn.Linear(5, 4))
+    x, y = _vec_batch()
+    ref = _loop(model, x, y)
+    tr = md.fisher_trace(model, [(x, y)])
+    assert tr.engine == "loop"
+    _assert_equals_loop(tr, ref)
+    with pytest.raises(ValueError, match="engine='vmap' could not run this model"):
+        md.fisher_trace(model, [(x, y)], engine="vmap")
+
+
+@pytest.mark.parametrize("engine", ["auto", "hooks", "vmap", "loop"])
+def test_plain_conv_and_linear_encoders_all_engines_agree(engine):
+    torch.manual_seed(0)
+    encs = {"img": md.models.Conv2dEncoder(2, 6, channels=(3, 4)),
+            "vec": md.models.MLPEncoder(7, 4, hidden=(6,))}
+    model = md.MultimodalClassifier(encs, {"img": 6, "vec": 4}, 3, fusion="concat")
+    x = {"img": torch.randn(8, 2, 8, 8), "vec": torch.randn(8, 7)}
+    y = torch.arange(8) % 3
+    model.train()
+    with torch.no_grad():
+        model(x)
+    ref = _loop(model, x, y)
+    tr = md.fisher_trace(model, [(x, y)], engine=engine, chunk_size=3)
+    assert tr.engine == ("hooks" if engine == "auto" else engine)
+    _assert_equals_loop(tr, ref)
+
+
+@pytest.mark.parametrize("engine", ["auto", "hooks", "vmap", "loop"])
+def test_fisher_leaves_modes_grads_buffers_and_rng_untouched(engine):
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(0)
+    encs = {"img": md.models.Conv2dEncoder(2, 6, channels=(3, 4)),
+            "vec": md.models.MLPEncoder(7, 4, hidden=(6,))}
+    model = md.MultimodalClassifier(encs, {"img": 6, "vec": 4}, 3)
+    x = {"img": torch.randn(6, 2, 8, 8), "vec": torch.randn(6, 7)}
+    y = torch.arange(6) % 3
+    model.train()
+    model(x)
+    model.eval()
+    model.encoders["vec"].train()  # a mix of modes, as a user may leave it
+    frozen = next(model.encoders["img"].parameters())
+    frozen.requires_grad_(False)
+    grads = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            p.grad = torch.full_like(p, 0.25)
+            grads[n] = p.grad
+    modes = {n: mod.training for n, mod in model.named_modules()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    torch.manual_seed(123)
+    random.seed(5)
+    np.random.seed(7)
+    md.fisher_trace(model, [(x, y)], engine=engine)
+    assert {n: mod.training for n, mod in model.named_modules()} == modes
+    assert not frozen.requires_grad
+    for n, p in model.named_parameters():
+        assert (p.grad is grads[n]) if n in grads else p.grad is None, n
+        if n in grads:
+            assert torch.equal(p.grad, torch.full_like(p, 0.25))
+    for n, b in model.named_buffers():
+        assert torch.equal(b, buffers[n]), n
+    after = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(123)
+    random.seed(5)
+    np.random.seed(7)
+    assert torch.equal(after[0], torch.rand(3))
+    assert after[1] == random.random() and after[2] == np.random.rand()
+
+
+def test_result_is_a_dict_that_says_how_it_was_computed():
+    import json
+    import pickle
+
+    model = make_model(2)
+    x = make_inputs(model, batch=5)
+    y = torch.arange(5) % 3
+    tr = md.fisher_trace(model, [(x, y)])
+    assert type(tr).__name__ == "FisherTrace" and isinstance(tr, dict)
+    assert list(tr) == list(model.modalities) and all(isinstance(v, float) for v in tr.values())
+    assert (tr.form, tr.engine, tr.reason, tr.n_samples) == ("per_sample", "hooks", None, 5)
+    assert json.loads(json.dumps(tr)) == dict(tr)
+    back = pickle.loads(pickle.dumps(tr))
+    assert back == tr and back.engine == "hooks"
+    batch = md.fisher_trace(model, [(x, y)], per_sample=False)
+    assert batch.form == "batch" and batch.engine is None and batch.n_samples == 1
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"chunk_size": 0}, ValueError, r"fisher_trace: chunk_size must be an integer in \[1, inf\]; got 0"),
+    ({"chunk_size": 2.5}, ValueError, "chunk_size must be an integer"),
+    ({"engine": "fast"}, ValueError, r"engine must be one of 'auto', 'hooks', 'vmap', 'loop'; got 'fast'"),
+    ({"form": "diag"}, ValueError, "form must be one of 'per_sample', 'batch', 'code'"),
+    ({"per_sample": "yes"}, TypeError, "per_sample must be True or False; got 'yes'"),
+    ({"progress": 1}, TypeError, "progress must be True or False"),
+    ({"device": 3}, ValueError, "device must be one of None or a device such as 'cpu'"),
+])
+def test_arguments_are_validated(kwargs, exc, match):
+    model = make_model(2)
+    x = make_inputs(model, batch=4)
+    with pytest.raises(exc, match=match):
+        md.fisher_trace(model, [(x, torch.arange(4) % 3)], **kwargs)
+
+
+def test_fisher_monitor_lives_in_training():
+    import modaldiag.training as training
+
+    assert training.FisherMonitor is FisherMonitor
+    assert FisherMonitor.__module__ == "modaldiag.training.monitor"

@@ -178,3 +178,158 @@ def test_encoder_failure_names_the_modality():
         model({"m0": x["m0"], "m1": x["m1"][:, :3]})
     with pytest.raises(ValueError, match="dtype torch.float64"):
         model({"m0": x["m0"].double(), "m1": x["m1"]})
+
+
+class _Fixed(nn.Module):
+    """A fusion head whose output is ``fn(concatenated features)`` (to produce bad shapes)."""
+
+    def __init__(self, out: int, fn=None):
+        super().__init__()
+        self.fc = nn.Linear(9, out)
+        self.fn = fn or (lambda z: z)
+
+    def forward(self, f):
+        return self.fn(self.fc(torch.cat([f["m0"], f["m1"]], 1)))
+
+
+def _custom(out, fn=None):
+    base = make_model(2)
+    return md.MultimodalClassifier(dict(base.encoders), base.feature_dims, 3, fusion=_Fixed(out, fn))
+
+
+@pytest.mark.parametrize("bad, match", [
+    ((1, lambda z: z[:, 0]), r"returned logits of shape \(6,\); expected \(B, num_classes\) = \(6, 3\): "
+                             r"return one logit per class"),
+    ((2, None), r"returned logits of shape \(6, 2\); expected \(B, num_classes\) = \(6, 3\).*"
+                r"num_classes=3"),
+    ((3, lambda z: z[:2]), r"shape \(2, 3\) for a batch of 6 samples"),
+    ((3, lambda z: z.unsqueeze(1)), r"shape \(6, 1, 3\); expected .*\(6, 3\)"),
+])
+def test_head_output_shape_is_checked_on_every_path(bad, match):
+    model = _custom(*bad).eval()
+    x = make_inputs(model)
+    feats = model.encode(x)
+    with pytest.raises(ValueError, match=match):
+        model(x)
+    with pytest.raises(ValueError, match=match):
+        model.head(feats, present=("m0",))
+    with pytest.raises(ValueError, match=match):
+        model.unimodal_logits(feats)
+    # the generic coalition path stacks K * B rows: the batch it names is K * B = 24
+    masks = torch.tensor([[True, True], [True, False], [False, True], [False, False]])
+    with pytest.raises(ValueError, match=match.replace("6", "24")):
+        model.head_coalitions(feats, masks)
+    with pytest.raises(ValueError, match=match):
+        md.shapley(model, [(x, torch.arange(6) % 3)])
+
+
+def test_fast_coalition_path_output_is_checked():
+    class BadFast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(9, 3)
+
+        def forward(self, f):
+            return self.fc(torch.cat([f["m0"], f["m1"]], 1))
+
+        def coalitions(self, features, absent, masks):  # drops the coalition dimension
+            return self.forward(features)
+
+    base = make_model(2)
+    model = md.MultimodalClassifier(dict(base.encoders), base.feature_dims, 3, fusion=BadFast())
+    feats = model.encode(make_inputs(model))
+    assert model.head(feats).shape == (6, 3)
+    with pytest.raises(ValueError, match=r"fuse_coalitions returned \(6, 3\) for 2 coalitions of 6 "
+                                         r"samples; expected \(K, B, num_classes\) = \(2, 6, 3\)"):
+        model.unimodal_logits(feats)
+
+
+def test_builtin_heads_pass_the_shape_check_on_the_fast_path():
+    for fusion in FUSIONS:
+        model = make_model(3, fusion).eval()
+        feats = model.encode(make_inputs(model, batch=5))
+        masks = torch.tensor(list(itertools.product([False, True], repeat=3)))
+        assert model.head_coalitions(feats, masks).shape == (8, 5, 3)
+        assert all(v.shape == (5, 3) for v in model.unimodal_logits(feats).values())
+
+
+def test_wrap_checks_logit_shape_and_learns_num_classes_once():
+    net = AVClassifier()
+    pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    encoders = {"audio": nn.Sequential(net.audio_net, pool), "visual": nn.Sequential(net.visual_net, pool)}
+    x = {"audio": torch.randn(4, 1, 8, 8), "visual": torch.randn(4, 3, 8, 8)}
+    flat = md.wrap(net, encoders, head=lambda f: net.fusion_module(torch.cat([f["audio"], f["visual"]], 1))[:, 0])
+    with pytest.raises(ValueError, match=r"shape \(4,\); expected \(B, num_classes\) = \(4, C\)"):
+        flat(x)
+    assert flat.num_classes is None  # nothing learnt from a refused output
+    wrong = md.wrap(net, encoders, num_classes=6,
+                    head=lambda f: net.fusion_module(torch.cat([f["audio"], f["visual"]], 1)))
+    with pytest.raises(ValueError, match=r"shape \(4, 5\).*num_classes=6"):
+        wrong(x)
+    cols = {"n": 5}
+    good = md.wrap(net, encoders,
+                   head=lambda f: net.fusion_module(torch.cat([f["audio"], f["visual"]], 1))[:, :cols["n"]])
+    assert good(x).shape == (4, 5) and good.num_classes == 5
+    cols["n"] = 4  # the head changes its output width later: refused, not silently mixed
+    with pytest.raises(ValueError, match=r"shape \(4, 4\).*num_classes=5"):
+        good(x)
+
+
+def test_wrap_validates_its_arguments():
+    net = AVClassifier()
+    enc = {"audio": net.audio_net, "visual": net.visual_net}
+    with pytest.raises(TypeError, match="wrap: head must be a callable"):
+        md.wrap(net, enc, head=3)
+    with pytest.raises(TypeError, match="wrap: model must be an nn.Module"):
+        md.wrap("net", enc, head=lambda f: f)
+    with pytest.raises(TypeError, match="wrap: encoders must be a dict"):
+        md.wrap(net, [net.audio_net, net.visual_net], head=lambda f: f)
+    with pytest.raises(ValueError, match=r"wrap: num_classes must be one of None or an integer in \[2"):
+        md.wrap(net, enc, head=lambda f: f, num_classes=1)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    ({"num_classes": 1}, ValueError, r"num_classes must be an integer in \[2"),
+    ({"num_classes": 2.5}, ValueError, r"num_classes must be an integer in \[2, inf\]; got 2.5"),
+    ({"num_classes": True}, ValueError, "num_classes must be an integer"),
+    ({"fusion": 3}, ValueError, "fusion must be one of 'concat'"),
+    ({"hidden_dim": 0}, ValueError, "hidden_dim must be one of None or an integer in \\[1"),
+    ({"feature_dims": {"a": 0, "b": 2}}, ValueError, r"feature_dims\['a'\] must be an integer in \[1"),
+    ({"feature_dims": {"a": 2.0, "b": 2}}, ValueError, r"feature_dims\['a'\] must be an integer"),
+    ({"encoders": [nn.Linear(2, 2)]}, TypeError, "encoders must be a dict"),
+])
+def test_classifier_parameters_are_validated(kwargs, exc, match):
+    args = {"encoders": {"a": nn.Linear(2, 2), "b": nn.Linear(2, 2)}, "feature_dims": {"a": 2, "b": 2},
+            "num_classes": 3, **kwargs}
+    with pytest.raises(exc, match=match):
+        md.MultimodalClassifier(**args)
+
+
+def test_numpy_integers_are_accepted_as_sizes():
+    import numpy as np
+
+    model = md.MultimodalClassifier({"a": nn.Linear(2, 2), "b": nn.Linear(2, 2)},
+                                    {"a": np.int64(2), "b": 2}, np.int64(4))
+    assert model.num_classes == 4 and type(model.num_classes) is int
+    assert model({"a": torch.randn(3, 2), "b": torch.randn(3, 2)}).shape == (3, 4)
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: md.models.MLPEncoder(0), r"MLPEncoder: in_dim must be an integer in \[1"),
+    (lambda: md.models.MLPEncoder(3, -2), "MLPEncoder: feature_dim must be"),
+    (lambda: md.models.MLPEncoder(3, hidden=(8, 0)), "hidden must be a sequence of positive integers"),
+    (lambda: md.models.MLPEncoder(3, dropout=1.0), r"dropout must be a finite number in \[0, 1\)"),
+    (lambda: md.models.Conv1dEncoder(3, kernel_size=0), "Conv1dEncoder: kernel_size"),
+    (lambda: md.models.Conv2dEncoder(0), "Conv2dEncoder: in_channels"),
+    (lambda: md.models.FrameEncoder(3, channels=()), None),
+    (lambda: md.models.encoder_for_shape((3, 0)), "shape must be a non-empty sequence of positive"),
+    (lambda: md.models.encoder_for_shape(()), "shape must be a non-empty sequence"),
+    (lambda: md.models.default_model(object()), "default_model: data must be a dataset bundle"),
+])
+def test_encoder_sizes_are_validated(build, match):
+    if match is None:  # no channels: a valid (if tiny) encoder, must still build and run
+        enc = build()
+        assert enc(torch.randn(2, 2, 3, 8, 8)).shape == (2, 64)
+        return
+    with pytest.raises(ValueError, match=match):
+        build()

@@ -15,6 +15,7 @@ from modaldiag.regulators import (
     pareto_combine,
 )
 from modaldiag.training.callbacks import StepContext
+from modaldiag.training.loop import CallOrderError
 
 
 def _ctx(model, x, y, epoch=0, step=0):
@@ -349,26 +350,30 @@ def test_every_regulator_trains_three_modalities(make):
 
 
 # ---------------------------------------------------------------- plain loop, resume
-def test_plain_loop_equals_fit(synth):
+@pytest.mark.parametrize("make", [lambda: md.InfoReg(), lambda: md.OGM(alpha=0.5, noise=True),
+                                  lambda: md.OPM(p_exe=1.0)], ids=["InfoReg", "OGM-GE", "OPM"])
+def test_plain_loop_equals_fit(synth, make):
+    """The README's loop (no batch_end call) trains exactly as md.fit, randomness included."""
     def model():
         torch.manual_seed(0)
         return md.models.default_model(synth, feature_dim=8)
 
     ref = model()
     opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
-    md.fit(ref, synth.train.loader(64), epochs=3, optimizer=opt, regulator=md.InfoReg(),
+    md.fit(ref, synth.train.loader(64), epochs=3, optimizer=opt, regulator=make(),
            seed=None, progress=False)
     net = model()
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    run = md.Regulation(net, opt, md.InfoReg(), monitor=True)
+    run = md.Regulation(net, opt, make(), monitor=True)
     for epoch in range(3):
         for inputs, labels in run.epoch_start(epoch, synth.train.loader(64)):
             opt.zero_grad()
             run.backward(inputs, labels)
             opt.step()
         run.epoch_end()
+    assert run.ctx.step == 3 * len(synth.train.loader(64))  # one step per optimizer step
     for a, b in zip(ref.parameters(), net.parameters(), strict=True):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("make", [lambda: None, lambda: md.InfoReg(), lambda: md.Relearning(every=2),
@@ -477,3 +482,332 @@ def test_regulators_see_unscaled_gradients_with_a_grad_scaler(synth):
 
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     torch.testing.assert_close(grads(scaler), grads(None))
+
+
+# ---------------------------------------------------------------- issue 11: run state, randomness
+REGULATORS = {
+    "InfoReg": lambda: md.InfoReg(),
+    "Relearning": lambda: md.Relearning(every=1, max_resets=1),
+    "OGM-GE": lambda: md.OGM(alpha=0.5, noise=True),
+    "OPM": lambda: md.OPM(),
+    "MMPareto": lambda: md.MMPareto(),
+    "Valuation-sample": lambda: md.ValuationResampling(warmup=1),
+    "Valuation-modality": lambda: md.ValuationResampling("modality", warmup=1),
+}
+
+
+@pytest.fixture(scope="module")
+def small():
+    return md.datasets.synthetic(n_samples=160, num_classes=3, strength={"a": 2.0, "b": 0.5},
+                                 dims={"a": 6, "b": 6}, seed=2)
+
+
+def _fit_fresh_model(data, regulator, epochs=3):
+    torch.manual_seed(0)
+    model = md.models.default_model(data, feature_dim=6)
+    md.fit(model, data.train.loader(32), data.val.loader(64), epochs=epochs, regulator=regulator,
+           monitor=False, restore_best=False, progress=False, seed=0)
+    return model
+
+
+@pytest.mark.parametrize("name", list(REGULATORS))
+def test_reused_regulator_trains_like_a_new_one(small, name):
+    """Second fit with the same object == a fit with a brand-new object (equal weights)."""
+    reused = REGULATORS[name]()
+    _fit_fresh_model(small, reused)
+    second = _fit_fresh_model(small, reused)
+    fresh = _fit_fresh_model(small, REGULATORS[name]())
+    for (n, a), (_, b) in zip(second.state_dict().items(), fresh.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+
+
+def test_reused_regulators_forget_exactly_their_run_state(small):
+    info, relearn = md.InfoReg(), md.Relearning(every=1, max_resets=1)
+    first = _fit_fresh_model(small, info)
+    assert len(info.traces["a"]) == 3 and info.anchors
+    _fit_fresh_model(small, relearn)
+    assert relearn.resets == 1
+    torch.manual_seed(5)  # a different model: Re-learning must pull toward ITS init
+    other = md.models.default_model(small, feature_dim=6)
+    init = [p.detach().clone() for p in other.encoders["a"].parameters()]
+    md.fit(other, small.train.loader(32), small.val.loader(64), epochs=1, regulator=relearn,
+           monitor=False, progress=False, seed=0)
+    assert relearn.resets == 1 and len(relearn.history) == 1  # counted afresh, reset again
+    for p0, kept in zip(init, relearn.init_params["a"], strict=True):
+        assert torch.equal(p0, kept)
+    assert first is not other
+
+
+def test_load_state_dict_survives_the_next_run_start(small):
+    """Resume: state restored with load_state_dict is kept by on_fit_start; a fresh run is not."""
+    info = md.InfoReg()
+    model = _fit_fresh_model(small, info, epochs=2)
+    state = info.state_dict()
+    resumed = md.InfoReg()
+    resumed.load_state_dict(state)
+    ctx = StepContext(model=model)
+    resumed.on_fit_start(ctx)
+    assert resumed.traces == state["traces"] and len(resumed.traces["a"]) == 2
+    resumed.on_fit_start(ctx)  # the restore is consumed by one start: the next run is fresh
+    assert resumed.traces == {} and resumed.anchors == {}
+
+
+def _grad_spy(store):
+    class Spy(md.Callback):
+        def on_before_optimizer_step(self, ctx):
+            store.append({n: p.grad.detach().clone() for n, p in ctx.model.named_parameters()
+                          if n.startswith("encoders.") and p.grad is not None})
+    return Spy()
+
+
+def test_plain_loop_draws_new_ge_noise_and_opm_masks_at_every_step(synth):
+    """README loop without batch_end: noise/std and drop masks differ between steps 0, 1, 2."""
+    x, y = next(iter(synth.train.loader(64)))
+    torch.manual_seed(0)
+    model = md.models.default_model(synth, feature_dim=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: every step sees the same gradients
+    before, after = [], []
+    ogm = md.OGM(alpha=0.0, noise=True)  # k = 1: only the noise acts
+    run = md.Regulation(model, opt, [_grad_spy(before), ogm, _grad_spy(after)])
+    run.epoch_start(0, [(x, y)] * 3)
+    for _ in range(3):
+        opt.zero_grad()
+        run.backward(x, y)
+        opt.step()
+    assert run.ctx.step == 2  # steps 0, 1, 2 (the third's end comes at the next call)
+    name = "encoders.a.net.0.weight"
+    unit = [(a[name] - b[name]) / b[name].std() for a, b in zip(after, before, strict=True)]
+    for i in range(3):
+        torch.testing.assert_close(before[i][name], before[0][name])  # same gradients
+        assert unit[i].std().item() == pytest.approx(1.0, rel=0.2)  # N(0, std(g)^2)
+    assert (unit[0] - unit[1]).abs().mean() > 0.5 and (unit[1] - unit[2]).abs().mean() > 0.5
+
+    opm = md.OPM(q_base=0.5, p_exe=1.0)
+    run = md.Regulation(model, opt, opm)
+    run.epoch_start(0, [(x, y)] * 3)
+    masks = []
+    for _ in range(3):
+        opt.zero_grad()
+        run.backward(x, y)
+        opt.step()
+        masks.append(opm.last_mask.clone())
+    drops = [int((~m).sum()) for m in masks]
+    assert all(d > 0 for d in drops)
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+
+
+def test_batch_end_is_optional_and_never_double_counts(synth):
+    x, y = next(iter(synth.train.loader(32)))
+    model = md.models.default_model(synth, feature_dim=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    run = md.Regulation(model, opt, md.OGM())
+    run.epoch_start(0, [(x, y)])
+    for explicit in (True, False, True, False):
+        opt.zero_grad()
+        run.backward(x, y)
+        opt.step()
+        if explicit:
+            run.batch_end()
+    run.epoch_end()
+    assert run.ctx.step == 4
+
+
+# ---------------------------------------------------------------- issue 11: declared constraints
+NAN, INF = float("nan"), float("inf")
+BAD_ARGUMENTS = [
+    (md.InfoReg, {"beta": -0.5}, "beta"), (md.InfoReg, {"beta": NAN}, "beta"),
+    (md.InfoReg, {"K": -0.1}, "K"), (md.InfoReg, {"K": 1.0}, "K"), (md.InfoReg, {"K": NAN}, "K"),
+    (md.InfoReg, {"rule": "median"}, "rule"), (md.InfoReg, {"trace": "exact"}, "trace"),
+    (md.InfoReg, {"score": "acc"}, "score"), (md.InfoReg, {"coefficient": "x"}, "coefficient"),
+    (md.InfoReg, {"unimodal_loss": "yes"}, "unimodal_loss"),
+    (md.InfoReg, {"regulate_always": 1}, "regulate_always"),
+    (md.InfoReg, {"code_scale": (0.95,)}, "code_scale"),
+    (md.InfoReg, {"code_scale": (0.95, NAN)}, "code_scale"),
+    (md.Relearning, {"lam": 0.0}, "lam"), (md.Relearning, {"lam": INF}, "lam"),
+    (md.Relearning, {"every": 0}, "every"), (md.Relearning, {"every": 2.5}, "every"),
+    (md.Relearning, {"max_resets": -1}, "max_resets"), (md.Relearning, {"val_loader": 3}, "val_loader"),
+    (md.Relearning, {"reset_bn": "no"}, "reset_bn"), (md.Relearning, {"reset_optimizer": None}, "reset_optimizer"),
+    (md.Relearning, {"seed": -1}, "seed"),
+    (md.OGM, {"alpha": -1.0}, "alpha"), (md.OGM, {"alpha": NAN}, "alpha"),
+    (md.OGM, {"noise": "yes"}, "noise"), (md.OGM, {"start_epoch": -1}, "start_epoch"),
+    (md.OGM, {"end_epoch": 0}, "end_epoch"), (md.OGM, {"start_epoch": 5, "end_epoch": 3}, "end_epoch"),
+    (md.OGM, {"conv_only": 1}, "conv_only"), (md.OGM, {"seed": 1.5}, "seed"),
+    (md.OPM, {"q_base": 0.0}, "q_base"), (md.OPM, {"q_base": 1.5}, "q_base"),
+    (md.OPM, {"lam": -1.0}, "lam"), (md.OPM, {"lam": INF}, "lam"), (md.OPM, {"p_exe": 0.0}, "p_exe"),
+    (md.OPM, {"p_exe": NAN}, "p_exe"), (md.OPM, {"start_epoch": 2, "end_epoch": 2}, "end_epoch"),
+    (md.OPM, {"seed": -3}, "seed"),
+    (md.MMPareto, {"gamma": -1.0}, "gamma"), (md.MMPareto, {"gamma": 0.0}, "gamma"),
+    (md.MMPareto, {"gamma": NAN}, "gamma"), (md.MMPareto, {"gamma": INF}, "gamma"),
+    (md.MMPareto, {"gamma": "1.5"}, "gamma"),
+    (md.ValuationResampling, {"level": "batch"}, "level"),
+    (md.ValuationResampling, {"warmup": -1}, "warmup"), (md.ValuationResampling, {"warmup": 1.5}, "warmup"),
+    (md.ValuationResampling, {"alpha": 0.0}, "alpha"), (md.ValuationResampling, {"alpha": NAN}, "alpha"),
+    (md.ValuationResampling, {"subset": 0.0}, "subset"), (md.ValuationResampling, {"subset": 1.5}, "subset"),
+    (md.ValuationResampling, {"value": "accuracy"}, "value"),
+    (md.ValuationResampling, {"baseline": "median"}, "baseline"),
+    (md.ValuationResampling, {"seed": -1}, "seed"),
+]
+
+
+@pytest.mark.parametrize("cls, kwargs, arg", BAD_ARGUMENTS,
+                         ids=[f"{c.__name__}-{a}-{k[a]!r}" for c, k, a in BAD_ARGUMENTS])
+def test_every_regulator_argument_is_validated(cls, kwargs, arg):
+    with pytest.raises((ValueError, TypeError), match=rf"{cls.__name__}: .*\b{arg}\b"):
+        cls(**kwargs)
+
+
+def test_constraints_are_declared_for_every_constructor_argument():
+    import inspect
+
+    for cls in (md.InfoReg, md.Relearning, md.OGM, md.OPM, md.MMPareto, md.ValuationResampling,
+                md.Regulation):
+        args = [n for n in inspect.signature(cls).parameters if n not in ("model", "regulator",
+                                                                            "device", "callbacks")]
+        assert set(args) <= set(cls._parameter_constraints), cls.__name__
+    # good values still pass, with the documented edge cases
+    md.OGM(alpha=0.0, noise=True, start_epoch=2, end_epoch=3)
+    md.OPM(q_base=1.0, lam=0.0, p_exe=1.0)
+    md.InfoReg(beta=0.0, K=0.0)
+
+
+@pytest.mark.parametrize("kwargs, arg", [
+    ({"optimizer": None}, "optimizer"), ({"monitor": "yes"}, "monitor"),
+    ({"unimodal_loss_weight": -1.0}, "unimodal_loss_weight"),
+    ({"unimodal_loss_weight": NAN}, "unimodal_loss_weight"),
+    ({"accumulate_grad_batches": 0}, "accumulate_grad_batches"),
+    ({"on_nonfinite": "ignore"}, "on_nonfinite"), ({"amp": 1}, "amp"), ({"scaler": object()}, "scaler"),
+])
+def test_regulation_arguments_are_validated(kwargs, arg):
+    model = make_model()
+    args = {"optimizer": torch.optim.SGD(model.parameters(), lr=0.1), **kwargs}
+    with pytest.raises((ValueError, TypeError), match=rf"Regulation: {arg}\b"):
+        md.Regulation(model, args.pop("optimizer"), md.OGM(), **args)
+
+
+# ---------------------------------------------------------------- issue 11: optimizer coverage
+def test_optimizer_over_another_model_is_refused(synth):
+    model, other = make_model(), make_model(seed=1)
+    n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match=rf"covers 0 of the model's {n_trainable} trainable"):
+        md.Regulation(model, torch.optim.SGD(other.parameters(), lr=0.1))
+    net = md.models.default_model(synth, feature_dim=8)
+    foreign = torch.optim.SGD(md.models.default_model(synth, feature_dim=8).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"covers 0 of the model's \d+ trainable"):
+        md.fit(net, synth.train.loader(64), epochs=1, optimizer=foreign, progress=False)
+
+
+def test_optimizer_missing_an_encoder_is_refused_and_frozen_ones_are_fine():
+    import warnings
+
+    model = make_model()
+    without_m1 = [p for n, p in model.named_parameters() if not n.startswith("encoders.m1.")]
+    with pytest.raises(ValueError, match=r"encoder 'm1'.*requires_grad_\(False\)"):
+        md.Regulation(model, torch.optim.SGD(without_m1, lr=0.1))
+    partial = [p for n, p in model.named_parameters() if n != "encoders.m0.net.0.bias"]
+    with pytest.warns(UserWarning, match=r"encoder 'm0': 1 of 4"):
+        md.Regulation(model, torch.optim.SGD(partial, lr=0.1))
+    model.encoders["m1"].requires_grad_(False)  # frozen: not expected in the optimizer
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        md.Regulation(model, torch.optim.SGD(without_m1, lr=0.1))
+
+
+# ---------------------------------------------------------------- issue 11: internal keys
+def test_groups_hold_modalities_only_and_the_head_separately():
+    model = make_model(3, "gated")
+    reg = md.OGM()
+    groups = reg.groups(model)
+    assert list(groups) == list(model.modalities)
+    head = reg.head_parameters(model)
+    assert {id(p) for p in head} == {id(p) for p in model.head_parameters()}
+    assert not {id(p) for p in head} & {id(p) for ps in groups.values() for p in ps}
+
+
+def test_a_modality_named___head___is_modulated_and_the_fusion_head_is_not():
+    torch.manual_seed(0)
+    encs = {"__head__": md.models.MLPEncoder(5, 4, hidden=(8,)), "b": md.models.MLPEncoder(5, 4, hidden=(8,))}
+    try:
+        model = md.MultimodalClassifier(encs, {"__head__": 4, "b": 4}, 3)
+    except ValueError:
+        pytest.skip("the model constructor refuses the name '__head__' (separation tested above)")
+    with torch.no_grad():  # b's features do not reach the logits: '__head__' dominates
+        model.fusion.fc.weight[:, 4:] = 0
+        model.fusion.fc.bias.zero_()
+    x = make_inputs(model, batch=16)
+    ctx = _ctx(model, x, torch.zeros(16, dtype=torch.long))
+    y = ctx.unimodal_logits["__head__"].argmax(1)
+    ctx = _ctx(model, x, y)
+    reg = md.OGM(alpha=0.5)
+    reg.on_after_forward(ctx)
+    F.cross_entropy(ctx.logits, y).backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    reg.on_before_optimizer_step(ctx)
+    k = reg.coefficients["__head__"]
+    assert k < 1 and reg.coefficients["b"] == 1.0
+    for n, p in model.named_parameters():
+        expected = before[n] * k if n.startswith("encoders.__head__.") else before[n]
+        torch.testing.assert_close(p.grad, expected, msg=n)
+
+
+# ---------------------------------------------------------------- issue 11: errors that say what to do
+def test_backward_before_epoch_start_says_to_call_it(synth):
+    x, y = next(iter(synth.train.loader(16)))
+    model = md.models.default_model(synth, feature_dim=8)
+    run = md.Regulation(model, torch.optim.SGD(model.parameters(), lr=0.1), md.InfoReg())
+    with pytest.raises(CallOrderError, match=r"before epoch_start.*run\.epoch_start\(epoch, train_loader\)"):
+        run.backward(x, y)
+    assert issubclass(CallOrderError, ValueError) and issubclass(CallOrderError, RuntimeError)
+    run.epoch_start(0, [(x, y)])
+    assert run.backward(x, y) is not None
+    run.epoch_end()
+    with pytest.raises(CallOrderError, match="after epoch_end without a new epoch_start"):
+        run.backward(x, y)
+
+
+def test_data_parallel_with_mmpareto_is_refused_with_advice(synth):
+    model = md.models.default_model(synth, feature_dim=8)
+    wrapped = torch.nn.DataParallel(model)
+    with pytest.raises(ValueError, match=r"MMPareto.*DataParallel.*DistributedDataParallel.*model\.module"):
+        md.Regulation(wrapped, torch.optim.SGD(model.parameters(), lr=0.1), md.MMPareto())
+    with pytest.raises(ValueError, match="DistributedDataParallel"):
+        md.fit(wrapped, synth.train.loader(64), epochs=1, regulator=md.MMPareto(), progress=False)
+
+
+def test_tuple_batches_get_the_adapter_recipe():
+    model = make_model()
+    run = md.Regulation(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x = make_inputs(model, batch=4)
+    run.epoch_start(0, [])
+    with pytest.raises(ValueError, match=r"adapt_loader\(loader, lambda b: \(\{'m0': b\[0\]"):
+        run.backward(x["m0"], torch.zeros(4, dtype=torch.long))
+
+
+def test_nan_features_from_finite_inputs_name_the_encoder():
+    model = make_model()
+    with torch.no_grad():
+        model.encoders["m1"].net[0].weight[0, 0] = float("nan")
+    x, y = make_inputs(model, batch=6), torch.arange(6) % 3
+    run = md.Regulation(model, torch.optim.SGD(model.parameters(), lr=0.1), md.OPM())
+    run.epoch_start(0, [])
+    with pytest.raises(ValueError, match=r"encoder 'm1' \(MLPEncoder\) produced NaN/inf features "
+                                         r"from finite inputs; 1 of its parameter values"):
+        run.backward(x, y)
+    skip = md.Regulation(model, torch.optim.SGD(model.parameters(), lr=0.1), md.InfoReg(),
+                         on_nonfinite="skip")
+    skip.epoch_start(0, [])
+    with pytest.warns(UserWarning, match="encoder 'm1'"):
+        assert skip.backward(x, y) is None
+    assert skip.epoch_stats["skipped"] == 1
+
+
+def test_composition_check_lives_in_training_and_is_reexported():
+    import inspect
+
+    import modaldiag.regulators.base as base
+    import modaldiag.training.callbacks as callbacks
+    import modaldiag.training.loop as loop
+
+    assert base.check_composition is callbacks.check_composition
+    assert "import" not in inspect.getsource(loop.as_callbacks)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        callbacks.check_composition([md.MMPareto(), md.OGM()])

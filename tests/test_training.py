@@ -158,3 +158,284 @@ def test_unimodal_auxiliary_loss_is_added(synth):
     model = md.models.default_model(synth, feature_dim=8)
     md.fit(model, synth.train.loader(200), epochs=1, unimodal_loss_weight=1.0, regulator=Check(),
            progress=False)
+
+
+# ---------------------------------------------------------------- issue 11: fail loudly, refuse
+import math  # noqa: E402
+import re  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from conftest import make_model  # noqa: E402
+
+from modaldiag.models import Conv1dEncoder  # noqa: E402
+from modaldiag.utils.io import safe_torch_load  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def small():
+    """96 training samples for make_model() (m0: 5 features, m1: 6), 3 classes."""
+    return md.datasets.synthetic(n_samples=160, num_classes=3, strength={"m0": 2.0, "m1": 0.6},
+                                 dims={"m0": 5, "m1": 6}, seed=0)
+
+
+def _fit(model, loader, val=None, **kw):
+    kw.setdefault("progress", False)
+    kw.setdefault("monitor", False)
+    return md.fit(model, loader, val, **kw)
+
+
+def _all_finite(state: dict) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
+def test_lr_inf_raises_naming_epoch_parameter_and_encoder_and_saves_nothing(small, tmp_path):
+    model = make_model()
+    one_batch = small.train.loader(len(small.train.labels))  # the NaN step is the epoch's last
+    opt = torch.optim.SGD(model.parameters(), lr=float("inf"))
+    with pytest.raises(ValueError, match=(
+            r"weights became non-finite .* by the end of epoch 0: parameter "
+            r"'encoders\.m0\.net\.0\.weight' of the encoder of modality 'm0' holds \d+ NaN and "
+            r"\d+ inf of its 40 values .*lower learning rate.*max_grad_norm=1\.0")):
+        _fit(model, one_batch, epochs=2, optimizer=opt, checkpoint_dir=tmp_path / "ck")
+    assert not (tmp_path / "ck" / "last.pt").exists() and not (tmp_path / "ck" / "best.pt").exists()
+    assert not (tmp_path / "ck" / "history.json").exists()
+    # several batches: found before the next batch's forward, still naming the parameter
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=float("inf"))
+    with pytest.raises(ValueError, match=r"during epoch 0 \(found before the forward pass of "
+                                         r"batch 1\): parameter 'encoders\.m0\.net\.0\.weight'"):
+        _fit(model, small.train.loader(16), epochs=1, optimizer=opt, on_nonfinite="skip")
+
+
+def test_nonfinite_weights_in_the_head_are_named_as_head(small):
+    model = make_model()
+    enc = [p for name, p in model.named_parameters() if name.startswith("encoders.")]
+    head = [p for name, p in model.named_parameters() if not name.startswith("encoders.")]
+    opt = torch.optim.SGD([{"params": enc}, {"params": head, "lr": float("inf")}], lr=0.01)
+    with pytest.raises(ValueError, match=r"of the fusion head \(outside every encoder\)"):
+        _fit(model, small.train.loader(len(small.train.labels)), epochs=1, optimizer=opt)
+
+
+def test_model_with_nan_weights_is_refused_before_training(small):
+    model = make_model()
+    with torch.no_grad():
+        model.encoders["m1"].net[2].bias[1] = float("nan")
+    with pytest.raises(ValueError, match=r"weights are non-finite .* before training \(epoch 0\): "
+                                         r"parameter 'encoders\.m1\.net\.2\.bias' of the encoder "
+                                         r"of modality 'm1' holds 1 NaN and 0 inf of its 5 values"):
+        _fit(model, small.train.loader(16), epochs=1)
+
+
+def test_huge_finite_lr_overflow_fails_loudly_in_both_modes_and_keeps_last_good_epoch(small, tmp_path):
+    ck = tmp_path / "ck"
+    model = make_model()
+    hist = _fit(model, small.train.loader(16, shuffle=True), small.val.loader(64), epochs=1,
+                lr=0.05, checkpoint_dir=ck)
+    assert len(hist) == 1
+    # lr=1e30 (finite, accepted) overflows at the second step; raise mode names the overflow
+    with pytest.raises(ValueError, match=r"non-finite.*features from finite inputs"), \
+            pytest.warns(UserWarning, match=r"resuming with lr=\[1e\+30\]"):
+        _fit(model, small.train.loader(16, shuffle=True), small.val.loader(64), epochs=3,
+             lr=1e30, checkpoint_dir=ck, resume=True)
+    last = safe_torch_load(ck / "last.pt")
+    assert last["epoch"] == 1 and _all_finite(last["model"])
+    assert _all_finite(safe_torch_load(ck / "best.pt")["model"])
+    assert len(md.History.load(ck / "history.json")) == 1
+    # skip mode skips bad *batches*; a model that overflows on every finite batch still raises
+    with pytest.raises(ValueError, match=r"diverged in epoch 1: .* every remaining batch \(6: "
+                                         r"\[1, 2, 3, 4, 5\]\.\.\.\) was non-finite although their "
+                                         r"inputs are finite.*last good epoch \(0\)"), \
+            pytest.warns(UserWarning):
+        _fit(model, small.train.loader(16, shuffle=True), small.val.loader(64), epochs=3,
+             lr=1e30, checkpoint_dir=ck, resume=True, on_nonfinite="skip")
+    assert safe_torch_load(ck / "last.pt")["epoch"] == 1
+    # ...and resuming the last good epoch with a lower lr finishes, at that lr
+    with pytest.warns(UserWarning, match=r"resuming with lr=\[0\.02\] where the checkpoint was "
+                                         r"trained with lr=\[0\.05\]"):
+        hist = _fit(model, small.train.loader(16, shuffle=True), small.val.loader(64), epochs=3,
+                    lr=0.02, checkpoint_dir=ck, resume=True, restore_best=False)
+    assert [r["epoch"] for r in hist.epochs] == [0, 1, 2]
+    assert [r["lr"] for r in hist.epochs] == [0.05, 0.02, 0.02]
+    assert _all_finite(model.state_dict())
+
+
+def _bn_model(seed=0):
+    torch.manual_seed(seed)
+
+    def enc(d):
+        return nn.Sequential(nn.Linear(d, 8), nn.BatchNorm1d(8), nn.ReLU())
+
+    return md.MultimodalClassifier({"a": enc(4), "b": enc(4)}, {"a": 8, "b": 8}, 3)
+
+
+def _bn_data(n=32, huge=False):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g)
+    xa = x.clone()
+    if huge:
+        xa[0] = 1e20  # finite, but its variance overflows float32
+    return MultimodalDataset({"a": xa, "b": x}, torch.arange(n) % 3, num_classes=3)
+
+
+def test_batchnorm_running_var_going_inf_raises_naming_the_buffer(tmp_path):
+    model = _bn_model()
+    with pytest.raises(ValueError, match=r"by the end of epoch 0: buffer 'encoders\.a\.1\."
+                                         r"running_var' of the encoder of modality 'a' holds 0 NaN "
+                                         r"and [1-8] inf of its 8 values.*normalise the inputs"):
+        _fit(model, _bn_data(huge=True).loader(32), epochs=2, checkpoint_dir=tmp_path / "ck")
+    # the loss itself stayed finite: only the running statistics overflowed
+    assert torch.isinf(model.encoders["a"][1].running_var).any()
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert not (tmp_path / "ck" / "last.pt").exists()
+
+
+def test_batch_of_one_with_batchnorm_is_skipped_with_a_warning_and_counted():
+    model = _bn_model()
+    with pytest.warns(UserWarning, match=r"epoch 0, batch 2 holds ONE sample and BatchNorm layer "
+                                         r"'encoders\.a\.1'.*drop_last=True"):
+        hist = _fit(model, _bn_data(n=33).loader(16), epochs=2)
+    assert [r["train"]["n"] for r in hist.epochs] == [32, 32]
+    assert [r["train"]["skipped_batch_of_one"] for r in hist.epochs] == [1, 1]
+    # the skipped batch left no trace in the running statistics: 2 updates per epoch, not 3
+    assert int(model.encoders["a"][1].num_batches_tracked) == 4
+    assert int(model.encoders["b"][1].num_batches_tracked) == 4
+    with pytest.raises(ValueError, match=r"every training batch of epoch 0 held ONE sample.*"
+                                         r"'encoders\.a\.1'.*batch size of at least 2"), \
+            pytest.warns(UserWarning):
+        _fit(_bn_model(), _bn_data(n=6).loader(1), epochs=1)
+
+
+def test_batch_of_one_is_trained_when_batchnorm_can_normalise_it():
+    """BatchNorm over (1, C, T) with T > 1 is valid in torch: nothing is skipped."""
+    torch.manual_seed(0)
+    model = md.MultimodalClassifier({"a": Conv1dEncoder(2, 4, channels=(4,)),
+                                     "b": Conv1dEncoder(2, 4, channels=(4,))}, {"a": 4, "b": 4}, 3)
+    x = torch.randn(9, 2, 8)
+    data = MultimodalDataset({"a": x, "b": x.clone()}, torch.arange(9) % 3, num_classes=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hist = _fit(model, data.loader(4), epochs=1)
+    assert hist[0]["train"]["n"] == 9 and hist[0]["train"]["skipped_batch_of_one"] == 0
+
+
+def test_optimizer_over_another_models_parameters_is_refused(small):
+    model, other = make_model(), make_model(seed=1)
+    n = sum(p.requires_grad for p in model.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=rf"optimizer holds {n} parameter tensors, none of which "
+                                         rf".*covers 0 of the model's {n} trainable parameter "
+                                         rf"tensors.*model\.parameters\(\)"):
+        _fit(model, small.train.loader(16), epochs=1,
+             optimizer=torch.optim.SGD(other.parameters(), lr=0.1))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        _fit(model, small.train.loader(16), epochs=1)
+
+
+def test_tuple_loader_gets_the_adapter_recipe():
+    x = torch.randn(8, 5)
+    loader = [(x, torch.randn(8, 6), torch.arange(8) % 3)]
+    with pytest.raises(ValueError, match=r"yielded a tuple of 3 items \(Tensor, Tensor, Tensor\)"
+                                         r".*md\.datasets\.adapt_loader\(loader, lambda b: "
+                                         r"\(\{'m0': b\[0\], 'm1': b\[1\]\}, b\[2\]\)\)"):
+        _fit(make_model(), loader, epochs=1)
+
+
+def _checkpointed(small, ck, **kw):
+    model = make_model()
+    _fit(model, small.train.loader(32), epochs=1, checkpoint_dir=ck, **kw)
+    return model
+
+
+def test_resume_with_another_model_is_refused_naming_the_key(small, tmp_path):
+    ck = tmp_path / "ck"
+    _checkpointed(small, ck)
+    other = make_model(in_dim=7)
+    with pytest.raises(ValueError, match=(
+            r"checkpoint in '.*ck' was written for another model: 'encoders\.m0\.net\.0\.weight' "
+            r"has shape \(8, 5\) in the checkpoint but \(8, 7\) in this model.*resume=False")):
+        _fit(other, small.train.loader(32), epochs=2, checkpoint_dir=ck, resume=True)
+    with pytest.raises(ValueError, match=r"another model: this model's 'encoders\.m2\.net\.0\."
+                                         r"weight' is not in it \(4 keys missing\)"):
+        _fit(make_model(m=3), small.train.loader(32), epochs=2, checkpoint_dir=ck, resume=True)
+
+
+def test_resume_with_another_optimizer_is_refused(small, tmp_path):
+    ck = tmp_path / "ck"
+    _checkpointed(small, ck)
+    model = make_model()
+    with pytest.raises(ValueError, match=r"written for another optimizer: SGD, but this call "
+                                         r"uses Adam.*start over"):
+        _fit(model, small.train.loader(32), epochs=2, checkpoint_dir=ck, resume=True,
+             optimizer=torch.optim.Adam(model.parameters()))
+    enc = [p for name, p in model.named_parameters() if name.startswith("encoders.")]
+    rest = [p for name, p in model.named_parameters() if not name.startswith("encoders.")]
+    two_groups = torch.optim.SGD([{"params": enc}, {"params": rest}], lr=0.01, momentum=0.9)
+    with pytest.raises(ValueError, match=rf"parameter groups hold \[{len(enc) + len(rest)}\] "
+                                         rf"tensors, this optimizer's hold \[{len(enc)}, "
+                                         rf"{len(rest)}\]"):
+        _fit(model, small.train.loader(32), epochs=2, checkpoint_dir=ck, resume=True,
+             optimizer=two_groups)
+
+
+def test_resume_without_its_regulator_or_with_another_config_is_refused(small, tmp_path):
+    ck = tmp_path / "ck"
+    _checkpointed(small, ck, regulator=md.OGM(alpha=0.8))
+    saved = safe_torch_load(ck / "last.pt")["fit"]
+    assert saved["regulators"] == [repr(md.OGM(alpha=0.8))] and saved["optimizer"] == "SGD"
+    with pytest.raises(ValueError, match=r"regulated by \['OGM\(alpha=0\.8.*but this call passes "
+                                         r"no regulator.*Pass the same regulator"):
+        _fit(make_model(), small.train.loader(32), epochs=2, checkpoint_dir=ck, resume=True)
+    with pytest.raises(ValueError, match=r"regulated by \['OGM\(alpha=0\.8.*but this call passes "
+                                         r"\['OGM\(alpha=0\.5"):
+        _fit(make_model(), small.train.loader(32), epochs=2, checkpoint_dir=ck, resume=True,
+             regulator=md.OGM(alpha=0.5))
+    with pytest.raises(ValueError, match=r"written with the callbacks \['0:OGM'\], but this call "
+                                         r"has \['0:FisherMonitor', '1:OGM'\]"):
+        _fit(make_model(), small.train.loader(32), epochs=2, checkpoint_dir=ck, resume=True,
+             regulator=md.OGM(alpha=0.8), monitor=True)
+    # the same regulator resumes
+    hist = _fit(make_model(), small.train.loader(32), epochs=2, checkpoint_dir=ck, resume=True,
+                regulator=md.OGM(alpha=0.8))
+    assert len(hist) == 2
+
+
+_GOOD = dict(epochs=1, lr=0.01)
+
+
+@pytest.mark.parametrize("name, value, exc", [
+    ("epochs", 0, ValueError), ("epochs", 2.5, ValueError), ("epochs", True, ValueError),
+    ("lr", 0.0, ValueError), ("lr", -0.1, ValueError), ("lr", float("inf"), ValueError),
+    ("lr", float("nan"), ValueError), ("lr", "0.1", ValueError),
+    ("weight_decay", -1e-4, ValueError), ("weight_decay", float("nan"), ValueError),
+    ("max_grad_norm", 0.0, ValueError), ("max_grad_norm", -1.0, ValueError),
+    ("max_grad_norm", float("inf"), ValueError),
+    ("unimodal_loss_weight", float("nan"), ValueError), ("unimodal_loss_weight", -0.5, ValueError),
+    ("unimodal_loss_weight", float("inf"), ValueError),
+    ("batch_size", 0, ValueError), ("batch_size", 8.0, ValueError),
+    ("on_nonfinite", "ignore", ValueError), ("seed", -1, ValueError), ("seed", 1.5, ValueError),
+    ("seed", 2**64, ValueError), ("amp", "yes", TypeError), ("monitor", 1, TypeError),
+    ("restore_best", None, TypeError), ("resume", "True", TypeError), ("progress", 0, TypeError),
+    ("device", "gpu", ValueError), ("device", 1.5, ValueError),
+    # None is admissible for these: validate_params reports the wrong kind as a ValueError
+    ("checkpoint_dir", 3, (TypeError, ValueError)), ("optimizer", "sgd", (TypeError, ValueError)),
+    ("regulator", "ogm", (TypeError, ValueError)), ("val_loader", "val/", (TypeError, ValueError)),
+    ("callbacks", md.OGM(), TypeError), ("scheduler", 3, ValueError),
+])
+def test_every_argument_is_validated(small, name, value, exc):
+    kwargs = {"progress": False, **_GOOD, name: value}
+    with pytest.raises(exc, match=rf"fit: {name} must be .*; got "):
+        md.fit(make_model(), small.train.loader(32), **kwargs)
+
+
+def test_train_loader_of_the_wrong_type_and_checkpoint_dir_that_is_a_file(small, tmp_path):
+    with pytest.raises(TypeError, match=r"fit: train_loader must be a DataLoader"):
+        md.fit(make_model(), 5, epochs=1, progress=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"checkpoint_dir '.*file' exists and is not a folder"):
+        _fit(make_model(), small.train.loader(32), epochs=1, checkpoint_dir=tmp_path / "file")
+    with pytest.raises(ValueError, match=r"resume=True needs checkpoint_dir"):
+        _fit(make_model(), small.train.loader(32), epochs=1, resume=True)

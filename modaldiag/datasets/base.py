@@ -9,9 +9,66 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from ..utils.validation import check_modality_names
+from ..utils.validation import (
+    POSITIVE_INT,
+    InstanceOf,
+    Satisfies,
+    as_plain_int,
+    check_modality_names,
+    validate_params,
+)
 
 __all__ = ["MultimodalDataset", "DatasetSplits", "batch_loader", "loader_dataset"]
+
+
+def _as_input_tensor(x, modality: str) -> torch.Tensor:
+    """One modality's input array as a tensor with a sample dimension, or a clear error."""
+    if isinstance(x, np.ndarray) and x.dtype.kind not in "biuf":
+        raise TypeError(
+            f"MultimodalDataset: input of modality {modality!r} has dtype {x.dtype}; it must be a "
+            "numeric array (N, ...), e.g. np.float32.")
+    try:
+        t = torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(
+            f"MultimodalDataset: input of modality {modality!r} ({type(x).__name__}) cannot be "
+            f"turned into a numeric tensor (N, ...): {exc}") from None
+    if t.dim() == 0:
+        raise ValueError(f"MultimodalDataset: input of modality {modality!r} is a scalar; it must "
+                         "have a sample dimension (N, ...).")
+    return t
+
+
+def _as_label_tensor(labels) -> torch.Tensor:
+    """Labels as a LongTensor (N,); whole-number floats are converted, anything else refused."""
+    if isinstance(labels, np.ndarray) and labels.dtype.kind not in "biuf":
+        raise TypeError(f"MultimodalDataset: labels have dtype {labels.dtype}; they must be "
+                        "integer class indices (N,).")
+    try:
+        y = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"MultimodalDataset: labels ({type(labels).__name__}) cannot be turned "
+                        f"into a tensor of class indices (N,): {exc}") from None
+    if y.dim() != 1:
+        raise ValueError(f"MultimodalDataset: labels must have shape (N,); got {tuple(y.shape)}. "
+                         "Give one integer class index per sample (not one-hot rows).")
+    if y.dtype == torch.bool or y.is_complex():
+        raise ValueError(f"MultimodalDataset: labels have dtype {y.dtype}; they must be integer "
+                         "class indices.")
+    if y.is_floating_point():
+        bad_nan = torch.isnan(y) | torch.isinf(y)
+        if bool(bad_nan.any()):
+            i = int(torch.nonzero(bad_nan)[0])
+            raise ValueError(f"MultimodalDataset: labels contain NaN or inf (first at index {i}); "
+                             "every sample needs an integer class index.")
+        frac = y != torch.round(y)
+        if bool(frac.any()):
+            i = int(torch.nonzero(frac)[0])
+            raise ValueError(
+                f"MultimodalDataset: labels must be integer class indices; got the non-integral "
+                f"value {float(y[i])!r} at index {i}. They are never truncated: map your targets "
+                "to classes 0..C-1 (e.g. np.unique(y, return_inverse=True)[1]).")
+    return y.long()
 
 
 class MultimodalDataset(Dataset):
@@ -20,29 +77,80 @@ class MultimodalDataset(Dataset):
     Parameters
     ----------
     inputs : dict[str, Tensor or ndarray]
-        ``{m: (N, ...)}``, one array per modality, same N.
-    labels : Tensor or ndarray (N,)
-        Integer class labels in ``[0, num_classes)``.
+        ``{m: (N, ...)}``, one numeric array per modality, same N >= 1 for every modality.
+    labels : Tensor or ndarray or sequence (N,)
+        Integer class labels in ``[0, num_classes)``. Floating-point labels are accepted only when
+        every value is a whole number (``2.0`` becomes ``2``); ``2.7`` or NaN is refused, never
+        truncated.
     num_classes : int, optional
         Defaults to ``len(class_names)`` or ``labels.max() + 1``.
     class_names : sequence of str, optional
+        One name per class (``len(class_names) == num_classes``).
+    name : str, default ""
+
+    Raises
+    ------
+    ValueError
+        On an empty dataset, modalities with different sample counts, non-integral, NaN or
+        out-of-range labels, or non-numeric inputs (TypeError for a wrong kind of object).
     """
 
+    _parameter_constraints = {
+        "inputs": [InstanceOf(Mapping, what="a dict {modality name: Tensor (N, ...)}")],
+        "num_classes": [None, POSITIVE_INT],
+        "class_names": [None, Satisfies(
+            lambda v: not isinstance(v, str) and all(isinstance(c, str) for c in v),
+            "a sequence of strings (one per class)")],
+        "name": [str],
+    }
+
     def __init__(self, inputs: Mapping[str, torch.Tensor | np.ndarray],
-                 labels: torch.Tensor | np.ndarray, *, num_classes: int | None = None,
-                 class_names: Sequence[str] | None = None, name: str = ""):
+                 labels: torch.Tensor | np.ndarray | Sequence[int], *,
+                 num_classes: int | None = None, class_names: Sequence[str] | None = None,
+                 name: str = ""):
+        num_classes = as_plain_int(num_classes)
+        validate_params(self._parameter_constraints, {"inputs": inputs, "num_classes": num_classes,
+                                                      "class_names": class_names, "name": name},
+                        "MultimodalDataset")
         self.modalities = check_modality_names(inputs.keys())
-        self.inputs = {m: torch.as_tensor(inputs[m]) for m in self.modalities}
-        self.labels = torch.as_tensor(labels).long()
+        self.inputs = {m: _as_input_tensor(inputs[m], m) for m in self.modalities}
+        self.labels = _as_label_tensor(labels)
         n = self.labels.shape[0]
-        for m, x in self.inputs.items():
-            if x.shape[0] != n:
-                raise ValueError(f"modality {m!r} has {x.shape[0]} samples but labels have {n}.")
+        counts = {m: int(x.shape[0]) for m, x in self.inputs.items()}
+        if any(c != n for c in counts.values()):
+            raise ValueError(
+                f"MultimodalDataset: every modality must hold one row per label; labels have {n} "
+                f"rows but the modalities have {counts}. Give every modality the same samples, in "
+                "the same order.")
+        if n == 0:
+            raise ValueError("MultimodalDataset: the dataset is empty (0 samples); give at least one "
+                             "sample per modality and one label.")
         self.class_names = list(class_names) if class_names is not None else None
         if num_classes is None:
-            num_classes = len(self.class_names) if self.class_names else int(self.labels.max()) + 1 if n else 0
+            num_classes = len(self.class_names) if self.class_names else int(self.labels.max()) + 1
+        elif self.class_names is not None and len(self.class_names) != num_classes:
+            raise ValueError(
+                f"MultimodalDataset: class_names has {len(self.class_names)} names but "
+                f"num_classes={num_classes}; give one name per class.")
+        lo, hi = int(self.labels.min()), int(self.labels.max())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(
+                f"MultimodalDataset: labels must lie in [0, {num_classes}) for num_classes="
+                f"{num_classes}; found values from {lo} to {hi}. Map the classes to 0..C-1 or "
+                "pass the right num_classes.")
         self.num_classes = int(num_classes)
         self.name = name
+
+    @classmethod
+    def _from_checked(cls, inputs: dict[str, torch.Tensor], labels: torch.Tensor, *,
+                      num_classes: int, class_names: list[str] | None,
+                      name: str) -> MultimodalDataset:
+        """A dataset from tensors that were already checked (may be empty: a subset)."""
+        ds = cls.__new__(cls)
+        ds.modalities = tuple(inputs)
+        ds.inputs, ds.labels = inputs, labels
+        ds.num_classes, ds.class_names, ds.name = num_classes, class_names, name
+        return ds
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -56,10 +164,14 @@ class MultimodalDataset(Dataset):
         return {m: tuple(x.shape[1:]) for m, x in self.inputs.items()}
 
     def subset(self, indices) -> MultimodalDataset:
-        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
-        return MultimodalDataset({m: x[idx] for m, x in self.inputs.items()}, self.labels[idx],
-                                 num_classes=self.num_classes, class_names=self.class_names,
-                                 name=self.name)
+        """The samples at ``indices`` (any integer index sequence; may be empty)."""
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64).reshape(-1), dtype=torch.long)
+        if idx.numel() and (int(idx.min()) < -len(self) or int(idx.max()) >= len(self)):
+            raise ValueError(f"subset indices must lie in [0, {len(self)}); got values from "
+                             f"{int(idx.min())} to {int(idx.max())}.")
+        return type(self)._from_checked({m: x[idx] for m, x in self.inputs.items()},
+                                        self.labels[idx], num_classes=self.num_classes,
+                                        class_names=self.class_names, name=self.name)
 
     def loader(self, batch_size: int = 64, shuffle: bool = False, drop_last: bool = False,
                generator: torch.Generator | None = None) -> DataLoader:

@@ -9,12 +9,25 @@ Layout (names configurable)::
       visual/<clip id>/    # extracted frames, *.jpg / *.png, sorted by name
 
 Each sample is ``({"audio": (1, F, T), "visual": (num_frames, 3, H, W)}, label)``.
+
+Safety: every path is resolved (symlinks followed) and anything that lands outside ``root`` (the
+CSV, the sub-folders, a clip folder, a spectrogram or a frame file) is refused. ``.npy`` files are
+read with ``allow_pickle=False`` after their header has been checked against the file size, so a
+hostile header never makes modaldiag allocate memory.
+
+Header row: ``header=True`` drops the first CSV row, ``header=False`` keeps it. The default
+(``None``) drops it only when it cannot be a clip: there are other rows, its label is not a known class (a
+name in ``class_names``, or a label of another row) *and* no spectrogram
+``<audio_dir>/<clip id>.npy`` exists for its clip id. A first row ``clip_007,label`` whose clip
+exists is therefore data; a CSV of one row is always data.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +35,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..utils.validation import (
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    Interval,
+    Satisfies,
+    as_plain_int,
+    validate_params,
+)
 from .base import DatasetSplits
 
 __all__ = ["AVFolderDataset", "av_folder"]
@@ -29,19 +50,52 @@ __all__ = ["AVFolderDataset", "av_folder"]
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 _MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)[:, None, None]
 _STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)[:, None, None]
+_MAX_IMAGE_PIXELS = 64_000_000
+
+_STRINGS = Satisfies(lambda v: not isinstance(v, str) and all(isinstance(c, str) for c in v),
+                     "a sequence of strings")
+_parameter_constraints = {
+    "csv_file": [str],
+    "audio_dir": [str],
+    "visual_dir": [str],
+    "num_frames": [POSITIVE_INT],
+    "image_size": [POSITIVE_INT],
+    "audio_length": [None, POSITIVE_INT],
+    "class_names": [None, _STRINGS],
+    "header": [None, bool],
+    "train_csv": [str],
+    "test_csv": [str],
+    "val_fraction": [Interval(0, 1, closed="neither")],
+    "seed": [NON_NEGATIVE_INT],
+}
 
 
-def _inside(root: Path, relative: str, what: str) -> Path:
-    """``root / relative``, refusing anything that resolves outside ``root``."""
-    if not relative or "\x00" in relative:
+def _within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def _inside(root: Path, relative: str, what: str, *, base: Path | None = None) -> Path:
+    """``base / relative`` (``base`` defaults to ``root``) with symlinks resolved.
+
+    Refuses a path that names a place outside ``base`` (``..``, absolute paths) or whose real
+    location (after following symlinks) lies outside ``root``.
+    """
+    base = root if base is None else base
+    if not isinstance(relative, str) or not relative or "\x00" in relative:
         raise ValueError(f"invalid {what} {relative!r}.")
-    path = (root / relative).resolve()
-    if path != root and root not in path.parents:
-        raise ValueError(f"{what} {relative!r} escapes the dataset root {str(root)!r}; refused.")
+    lexical = Path(os.path.normpath(base / relative))
+    if not _within(lexical, base):
+        raise ValueError(f"{what} {relative!r} escapes the dataset root {str(base)!r}; refused.")
+    path = lexical.resolve()
+    if not _within(path, root):
+        raise ValueError(
+            f"{what} {relative!r} escapes the dataset root {str(root)!r}: it is a symlink that "
+            f"resolves to {str(path)!r}; refused (copy the data into the root instead).")
     return path
 
 
 def _read_csv(path: Path) -> list[tuple[str, str]]:
+    """``(clip id, label)`` rows of a clip list, the first row included (see ``header``)."""
     if not path.is_file():
         raise ValueError(f"clip list {str(path)!r} does not exist.")
     try:
@@ -60,14 +114,45 @@ def _read_csv(path: Path) -> list[tuple[str, str]]:
         if len(row) < 2:
             raise ValueError(f"{path.name}:{lineno}: expected '<clip id>,<label>'; got {row!r}.")
         clip, label = row[0].strip(), row[1].strip()
-        if lineno == 1 and label.lower() in ("label", "class", "y"):
-            continue
         if not clip or not label:
             raise ValueError(f"{path.name}:{lineno}: empty clip id or label in {row!r}.")
         rows.append((clip, label))
-    if not rows:
-        raise ValueError(f"clip list {str(path)!r} lists no clips.")
     return rows
+
+
+def _npy_header(path: Path, clip: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of a spectrogram ``.npy`` file, checked against the file's size.
+
+    Nothing is allocated from the header: a header that claims more (or fewer) bytes than the
+    file holds, an object/structured dtype or a non-2-D shape is refused with a ValueError.
+    """
+    where = f"spectrogram {str(path)!r} of clip {clip!r}"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+            else:
+                raise ValueError(f"unsupported .npy format version {version}")
+            offset = fh.tell()
+    except (OSError, ValueError, SyntaxError, TypeError) as exc:
+        raise ValueError(f"{where} is not a readable .npy array: {exc}. Save it with "
+                         "np.save(path, array.astype(np.float32)).") from None
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise ValueError(f"{where} has dtype {dtype}; expected a numeric (float or integer) array "
+                         "(object and structured arrays are refused, never unpickled).")
+    if len(shape) != 2:
+        raise ValueError(f"{where} has shape {shape}; expected a 2-D spectrogram (F, T).")
+    claimed = math.prod(shape) * dtype.itemsize
+    if offset + claimed != size:
+        raise ValueError(
+            f"{where}: its header claims shape {shape} of {dtype} ({claimed} bytes of data) but "
+            f"the file holds {size - offset} bytes after the header; the file is truncated or "
+            "corrupt. Re-create it with np.save.")
+    return tuple(int(d) for d in shape), dtype
 
 
 class AVFolderDataset(Dataset):
@@ -76,20 +161,32 @@ class AVFolderDataset(Dataset):
     Parameters
     ----------
     root : path
-        Dataset root; every file read must lie inside it.
+        Dataset root; every file read must lie inside it (symlinks are resolved first).
     csv_file : str, default "train.csv"
-        Clip list, relative to ``root``.
+        Clip list, relative to ``root``: one ``<clip id>,<label>`` row per clip.
     audio_dir, visual_dir : str
         Sub-folders holding ``<clip>.npy`` and ``<clip>/`` frames.
     num_frames : int, default 3
-        Frames per clip, evenly spaced over the clip's frames (deterministic).
+        Frames per clip (>= 1), evenly spaced over the clip's frames (deterministic; a clip with
+        fewer frames repeats some). Clips may have different frame counts and frame sizes.
     image_size : int, default 112
-        Frames are resized to ``image_size x image_size`` and ImageNet-normalised.
+        Frames are resized to ``image_size x image_size`` (>= 1) and ImageNet-normalised.
     audio_length : int, optional
-        Crop/zero-pad spectrograms to this many time steps (needed when clips differ in length).
+        Crop/zero-pad spectrograms to this many time steps. Needed when clips differ in length:
+        without it, clips of different lengths are refused at construction (the message names
+        two of them).
     class_names : sequence of str, optional
         Label order; defaults to the sorted labels of this CSV. Pass the training set's
         ``class_names`` to the test set.
+    header : bool, optional
+        Whether the CSV's first row is a header: True drops it, False keeps it, None (default)
+        drops it only when its label is not a known class and its clip has no spectrogram.
+
+    Raises
+    ------
+    ValueError
+        For paths outside ``root``, a CSV without clips, missing or malformed spectrograms, and
+        spectrograms of different shapes (all naming the file).
     """
 
     modalities = ("audio", "visual")
@@ -97,46 +194,109 @@ class AVFolderDataset(Dataset):
     def __init__(self, root, csv_file: str = "train.csv", *, audio_dir: str = "audio",
                  visual_dir: str = "visual", num_frames: int = 3, image_size: int = 112,
                  audio_length: int | None = None, class_names: Sequence[str] | None = None,
-                 _rows: list[tuple[str, str]] | None = None):
+                 header: bool | None = None, _rows: list[tuple[str, str]] | None = None):
+        num_frames, image_size, audio_length = (
+            as_plain_int(v) for v in (num_frames, image_size, audio_length))
+        validate_params(_parameter_constraints, {
+            "csv_file": csv_file, "audio_dir": audio_dir, "visual_dir": visual_dir,
+            "num_frames": num_frames, "image_size": image_size, "audio_length": audio_length,
+            "class_names": class_names, "header": header}, "AVFolderDataset")
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise ValueError(f"dataset root {str(root)!r} is not a directory.")
         self.audio_root = _inside(self.root, audio_dir, "audio_dir")
         self.visual_root = _inside(self.root, visual_dir, "visual_dir")
         self.csv_file, self.audio_dir, self.visual_dir = csv_file, audio_dir, visual_dir
-        self.rows = _rows if _rows is not None else _read_csv(_inside(self.root, csv_file, "csv_file"))
+        self.num_frames, self.image_size, self.audio_length = num_frames, image_size, audio_length
+        if _rows is None:
+            rows = _read_csv(_inside(self.root, csv_file, "csv_file"))
+            rows = self._drop_header(rows, header, class_names)
+            if not rows:
+                raise ValueError(f"clip list {csv_file!r} lists no clips.")
+            self._check_spectrograms(rows, first_may_be_header=header is None)
+        else:
+            rows = _rows
+        self.rows = rows
         labels = sorted({label for _, label in self.rows})
         self.class_names = list(class_names) if class_names is not None else labels
         unknown = [lb for lb in labels if lb not in self.class_names]
         if unknown:
             raise ValueError(f"labels {unknown} in {csv_file} are not in class_names {self.class_names}.")
         self.num_classes = len(self.class_names)
-        self.num_frames, self.image_size, self.audio_length = num_frames, image_size, audio_length
         self.labels = torch.tensor([self.class_names.index(lb) for _, lb in self.rows], dtype=torch.long)
         self.name = self.root.name
+
+    def _drop_header(self, rows, header, class_names):
+        if not rows or header is False:
+            return rows
+        if header:
+            return rows[1:]
+        if len(rows) < 2:
+            return rows
+        clip, label = rows[0]
+        known = set(class_names) if class_names is not None else {lb for _, lb in rows[1:]}
+        if label in known:
+            return rows
+        try:
+            has_clip = (self.audio_root / f"{clip}.npy").is_file()
+        except (OSError, ValueError):
+            has_clip = False
+        return rows if has_clip else rows[1:]
+
+    def _spectrogram_path(self, clip: str) -> Path:
+        path = _inside(self.root, f"{clip}.npy", "clip id", base=self.audio_root)
+        if not path.is_file():
+            raise ValueError(f"missing spectrogram for clip {clip!r}: {str(path)!r}.")
+        return path
+
+    def _check_spectrograms(self, rows, *, first_may_be_header: bool = False) -> None:
+        """Read every spectrogram's header (not its data): valid, and shapes that can batch."""
+        first: tuple[str, tuple[int, ...]] | None = None
+        for i, (clip, _) in enumerate(rows):
+            try:
+                path = self._spectrogram_path(clip)
+            except ValueError as exc:
+                if i == 0 and first_may_be_header and "missing" in str(exc):
+                    raise ValueError(f"{exc} If the first row of {self.csv_file!r} is a header, "
+                                     "pass header=True.") from None
+                raise
+            shape, _ = _npy_header(path, clip)
+            if first is None:
+                first = (clip, shape)
+                continue
+            ref_clip, ref = first
+            if shape[0] != ref[0]:
+                raise ValueError(
+                    f"spectrograms differ in frequency bins: clip {ref_clip!r} has shape {ref}, "
+                    f"clip {clip!r} has {shape}; every spectrogram must have the same F.")
+            if self.audio_length is None and shape[1] != ref[1]:
+                raise ValueError(
+                    f"clips differ in length: the spectrogram of clip {ref_clip!r} has shape {ref}, "
+                    f"that of clip {clip!r} has {shape}. Pass audio_length=T to crop/zero-pad "
+                    "every spectrogram to T time steps.")
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def _audio(self, clip: str) -> torch.Tensor:
-        path = _inside(self.audio_root, f"{clip}.npy", "clip id")
-        if not path.is_file():
-            raise ValueError(f"missing spectrogram for clip {clip!r}: {str(path)!r}.")
-        spec = np.load(path, allow_pickle=False).astype(np.float32)
-        if spec.ndim != 2:
-            raise ValueError(f"spectrogram of clip {clip!r} has shape {spec.shape}; expected (F, T).")
+        path = self._spectrogram_path(clip)
+        _npy_header(path, clip)
+        try:
+            spec = np.load(path, allow_pickle=False).astype(np.float32)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"spectrogram {str(path)!r} of clip {clip!r} cannot be read: {exc}.") from None
         if self.audio_length is not None:
             t = spec.shape[1]
             if t >= self.audio_length:
                 spec = spec[:, : self.audio_length]
             else:
                 spec = np.pad(spec, ((0, 0), (0, self.audio_length - t)))
-        return torch.from_numpy(spec).unsqueeze(0)
+        return torch.from_numpy(np.ascontiguousarray(spec)).unsqueeze(0)
 
     def _frames(self, clip: str) -> torch.Tensor:
         from PIL import Image
 
-        folder = _inside(self.visual_root, clip, "clip id")
+        folder = _inside(self.root, clip, "clip id", base=self.visual_root)
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES) \
             if folder.is_dir() else []
         if not files:
@@ -144,9 +304,21 @@ class AVFolderDataset(Dataset):
         picks = np.linspace(0, len(files) - 1, self.num_frames).round().astype(int)
         frames = []
         for i in picks:
-            with Image.open(files[i]) as img:
-                img = img.convert("RGB").resize((self.image_size, self.image_size))
-                arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
+            path = files[i]
+            real = path.resolve()
+            if not _within(real, self.root):
+                raise ValueError(
+                    f"frame file {str(path)!r} of clip {clip!r} escapes the dataset root "
+                    f"{str(self.root)!r}: it is a symlink that resolves to {str(real)!r}; refused.")
+            try:
+                with Image.open(real) as img:
+                    if img.width * img.height > _MAX_IMAGE_PIXELS:
+                        raise ValueError(f"{img.width}x{img.height} pixels is too large a frame")
+                    img = img.convert("RGB").resize((self.image_size, self.image_size))
+                    arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                raise ValueError(f"frame file {str(path)!r} of clip {clip!r} cannot be read as an "
+                                 f"image: {exc}.") from None
             frames.append((arr - _MEAN) / _STD)
         return torch.from_numpy(np.stack(frames))
 
@@ -172,13 +344,35 @@ class AVFolderDataset(Dataset):
 
 def av_folder(root, *, train_csv: str = "train.csv", test_csv: str = "test.csv",
               val_fraction: float = 0.1, seed: int = 0, **kwargs) -> DatasetSplits:
-    """Train/val/test splits of an audio-visual folder; val is carved from train, never test."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must lie in (0, 1); got {val_fraction}.")
+    """Train/val/test splits of an audio-visual folder; val is carved from train, never test.
+
+    Parameters
+    ----------
+    root : path
+        The dataset root (layout in the module docstring).
+    train_csv, test_csv : str
+        Clip lists relative to ``root``. The training list needs at least 2 clips (one or more
+        go to validation, the rest to training).
+    val_fraction : float, default 0.1
+        Share of the training clips held out for validation, in (0, 1); at least one clip.
+    seed : int, default 0
+        Seed of the train/val split.
+    **kwargs
+        Passed to :class:`AVFolderDataset` (``num_frames``, ``image_size``, ``audio_length``,
+        ``header``, ...).
+    """
+    seed = as_plain_int(seed)
+    validate_params(_parameter_constraints, {"train_csv": train_csv, "test_csv": test_csv,
+                                             "val_fraction": val_fraction, "seed": seed},
+                    "av_folder")
     full = AVFolderDataset(root, train_csv, **kwargs)
+    if len(full) < 2:
+        raise ValueError(
+            f"{train_csv} lists {len(full)} clip; av_folder needs at least 2 training clips "
+            "(validation is carved from the training list).")
     test = AVFolderDataset(root, test_csv, class_names=full.class_names, **kwargs)
     order = np.random.default_rng(seed).permutation(len(full))
-    n_val = max(1, int(round(val_fraction * len(full))))
+    n_val = min(len(full) - 1, max(1, int(round(val_fraction * len(full)))))
     return DatasetSplits(full.name, full.subset(np.sort(order[n_val:])),
                          full.subset(np.sort(order[:n_val])), test,
                          description="audio-visual folder dataset", license="the user's")

@@ -6,21 +6,57 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ..utils.validation import check_modality_names, check_positive_int
+from ..utils.validation import (
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    PROBABILITY,
+    InstanceOf,
+    Interval,
+    Satisfies,
+    as_plain_int,
+    check_modality_names,
+    validate_params,
+)
 from .base import DatasetSplits, MultimodalDataset, stratified_split
 
 __all__ = ["synthetic"]
 
 
+_parameter_constraints = {
+    "n_samples": [POSITIVE_INT],
+    "num_classes": [Interval(2, None, integer=True)],
+    "strength": [None, InstanceOf(Mapping, what="a dict {modality name: float >= 0}")],
+    "splits": [Satisfies(lambda v: len(v) == 3 and all(float(f) > 0 for f in v)
+                         and abs(sum(float(f) for f in v) - 1.0) < 1e-6,
+                         "3 positive fractions (train, val, test) summing to 1")],
+    "seed": [NON_NEGATIVE_INT],
+}
+_per_modality_constraints = {
+    "strength": NON_NEGATIVE,
+    "dims": POSITIVE_INT,
+    "noise": NON_NEGATIVE,
+    "label_noise": PROBABILITY,
+    "missing_rate": PROBABILITY,
+}
+
+
 def _per_modality(value, modalities, name, default):
+    """``{m: value}`` for a scalar or a partial dict, each value checked against its constraint."""
     if value is None:
-        return {m: default for m in modalities}
-    if isinstance(value, Mapping):
-        unknown = set(value) - set(modalities)
+        out = {m: default for m in modalities}
+    elif isinstance(value, Mapping):
+        unknown = [k for k in value if k not in modalities]
         if unknown:
-            raise ValueError(f"{name} names unknown modalities {sorted(unknown)}; known: {list(modalities)}.")
-        return {m: value.get(m, default) for m in modalities}
-    return {m: value for m in modalities}
+            raise ValueError(f"synthetic: {name} names unknown modalities {sorted(map(str, unknown))}; "
+                             f"known: {list(modalities)}.")
+        out = {m: as_plain_int(value.get(m, default)) for m in modalities}
+    else:
+        out = {m: as_plain_int(value) for m in modalities}
+    constraint = _per_modality_constraints[name]
+    validate_params({f"{name}[{m!r}]": [constraint] for m in modalities},
+                    {f"{name}[{m!r}]": v for m, v in out.items()}, "synthetic")
+    return out
 
 
 def synthetic(
@@ -48,33 +84,31 @@ def synthetic(
     n_samples : int, default 2000
         Total samples, split into train/val/test by ``splits`` (stratified).
     num_classes : int, default 6
+        At least 2.
     strength : dict[str, float], default {"a": 2.0, "b": 0.5}
         Class-signal strength per modality; its keys define the modalities and their order.
     dims : dict[str, int] or int, default 32
         Input dimension per modality.
     noise, label_noise, missing_rate : float or dict[str, float]
-        Per-modality noise std (default 1.0), label-noise rate (0.0), missing rate (0.0).
+        Per-modality noise std (default 1.0, >= 0), label-noise rate (0.0, in [0, 1]), missing
+        rate (0.0, in [0, 1]). A dict may name a subset of the modalities.
+    splits : (float, float, float), default (0.7, 0.15, 0.15)
+        Positive train/val/test fractions summing to 1; every split must get at least about one
+        sample per class (a ValueError says the smallest ``n_samples`` that works).
     seed : int, default 0
         Everything (prototypes, samples, split) is deterministic given the seed.
     """
-    check_positive_int(n_samples, "n_samples")
-    check_positive_int(num_classes, "num_classes")
-    if num_classes < 2:
-        raise ValueError("num_classes must be at least 2 (a single class cannot be classified).")
+    n_samples, num_classes, seed = (as_plain_int(v) for v in (n_samples, num_classes, seed))
+    validate_params(_parameter_constraints, {"n_samples": n_samples, "num_classes": num_classes,
+                                             "strength": strength, "splits": splits, "seed": seed},
+                    "synthetic")
     strength = dict(strength) if strength is not None else {"a": 2.0, "b": 0.5}
     modalities = check_modality_names(strength.keys())
+    strength = _per_modality(strength, modalities, "strength", 0.0)
     dims_m = _per_modality(dims, modalities, "dims", 32)
     noise_m = _per_modality(noise, modalities, "noise", 1.0)
     label_noise_m = _per_modality(label_noise, modalities, "label_noise", 0.0)
     missing_m = _per_modality(missing_rate, modalities, "missing_rate", 0.0)
-    for m in modalities:
-        check_positive_int(dims_m[m], f"dims[{m!r}]")
-        for name, v in (("label_noise", label_noise_m[m]), ("missing_rate", missing_m[m])):
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"{name}[{m!r}] must lie in [0, 1]; got {v}.")
-        if noise_m[m] < 0 or strength[m] < 0:
-            raise ValueError(f"strength and noise must be >= 0; got {strength[m]}, {noise_m[m]} for {m!r}.")
-
     rng = np.random.default_rng(seed)
     y = np.arange(n_samples) % num_classes
     rng.shuffle(y)
@@ -91,6 +125,13 @@ def synthetic(
         inputs[m] = x.astype(np.float32)
         missing[m] = miss
     parts = stratified_split(y, splits, seed)
+    empty = [name for name, p in zip(("train", "val", "test"), parts, strict=True) if not len(p)]
+    if empty:
+        suggest = int(np.ceil(2 * num_classes / min(float(f) for f in splits)))
+        raise ValueError(
+            f"synthetic: n_samples={n_samples} is too small for {num_classes} classes and splits "
+            f"{tuple(splits)}: the {'/'.join(empty)} split would be empty. Use a larger n_samples "
+            f"(e.g. {suggest}).")
     sets = [MultimodalDataset({m: inputs[m][p] for m in modalities}, y[p], num_classes=num_classes,
                               name="synthetic") for p in parts]
     info = {"strength": strength, "dims": dims_m, "noise": noise_m, "label_noise": label_noise_m,

@@ -33,7 +33,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("modaldiag.integrations.lightning needs Lightning: pip install "
                       "'modaldiag[lightning]'") from exc
 
+from ..training.callbacks import Callback
 from ..training.loop import Regulation
+from ..utils.validation import BOOL, NON_NEGATIVE, InstanceOf, unpack_batch, validate_params
 
 __all__ = ["ModalDiagCallback", "ModalDiagModule", "modaldiag_loss"]
 
@@ -58,16 +60,25 @@ class ModalDiagCallback(pl.Callback):
         Record the online Fisher trace per modality (logged as ``modaldiag/fisher/<m>``).
     model_attr : str, default "model"
         Attribute of the LightningModule that holds the modaldiag model.
-    unimodal_loss_weight : float, default 0
+    unimodal_loss_weight : float >= 0, default 0
+
+    Every ``trainer.fit`` starts the regulators afresh (a reused callback or regulator carries no
+    state from an earlier fit); state restored from a Lightning checkpoint is kept.
     """
+
+    _parameter_constraints = {"monitor": [BOOL], "model_attr": [InstanceOf(str)],
+                              "unimodal_loss_weight": [NON_NEGATIVE]}
 
     def __init__(self, regulator=None, *, monitor: bool = True, model_attr: str = "model",
                  unimodal_loss_weight: float = 0.0):
-        from ..regulators.valuation import ValuationResampling
-
+        validate_params(self._parameter_constraints, {
+            "monitor": monitor, "model_attr": model_attr,
+            "unimodal_loss_weight": unimodal_loss_weight}, "ModalDiagCallback")
         regs = regulator if isinstance(regulator, (list, tuple)) else [regulator]
-        if any(isinstance(r, ValuationResampling) for r in regs):
-            raise ValueError("ValuationResampling rebuilds the training loader every epoch; use "
+        replacing = [r.name for r in regs if isinstance(r, Callback)
+                     and type(r).train_loader is not Callback.train_loader]
+        if replacing:
+            raise ValueError(f"{replacing[0]} rebuilds the training loader every epoch; use "
                              "md.fit or md.Regulation for it, not the Lightning callback.")
         self.regulator, self.monitor, self.model_attr = regulator, monitor, model_attr
         self.unimodal_loss_weight = unimodal_loss_weight
@@ -96,9 +107,12 @@ class ModalDiagCallback(pl.Callback):
         self.run.start(epochs=trainer.max_epochs)
 
     def training_loss(self, batch) -> torch.Tensor:
-        """The loss of one training batch with every regulator term (called by the module)."""
-        inputs, labels = batch
+        """The loss of one training batch with every regulator term (called by the module).
+
+        ``batch`` is ``(inputs: dict[str, Tensor], labels)``; anything else raises a ValueError
+        that shows how to adapt the loader (``md.datasets.adapt_loader``)."""
         run = self.run
+        inputs, labels = unpack_batch(batch, run.model.modalities, batch_index=run.ctx.batch_index)
         loss = run.forward_loss(inputs, labels)
         if loss is None:  # non-finite and skipped: contribute nothing
             return torch.zeros((), device=labels.device, requires_grad=True)
@@ -154,8 +168,8 @@ def modaldiag_loss(pl_module, batch) -> torch.Tensor:
     callbacks = trainer.callbacks if trainer is not None else []
     cb = next((c for c in callbacks if isinstance(c, ModalDiagCallback)), None)
     if cb is None or cb.run is None:
-        inputs, labels = batch
         model = pl_module.model
+        inputs, labels = unpack_batch(batch, getattr(model, "modalities", None))
         return torch.nn.functional.cross_entropy(model(inputs), labels)
     return cb.training_loss(batch)
 

@@ -7,9 +7,17 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..utils.validation import check_positive_int
+from ..utils.validation import (
+    POSITIVE_INT,
+    InstanceOf,
+    Interval,
+    Options,
+    as_plain_int,
+    validate_params,
+)
 from .contract import MultimodalModel
-from .fusion import build_fusion
+from .fusion import FUSIONS, build_fusion
+from .names import ModalityDict
 
 __all__ = ["MultimodalClassifier"]
 
@@ -25,7 +33,7 @@ class MultimodalClassifier(MultimodalModel):
     feature_dims : dict[str, int]
         Output dimension of each encoder (same keys as ``encoders``).
     num_classes : int
-        Number of classes C.
+        Number of classes C (at least 2).
     fusion : {"concat", "sum", "film", "gated", "late"} or nn.Module, default "concat"
         The head. A custom ``nn.Module`` must map the complete feature dict to ``(B, C)``.
     hidden_dim : int, optional
@@ -33,6 +41,15 @@ class MultimodalClassifier(MultimodalModel):
     film_target : str, optional
         The modulated modality of the ``film`` head (default: the first modality).
     """
+
+    _parameter_constraints = {
+        "encoders": [InstanceOf(Mapping, what="a dict {modality name: nn.Module}")],
+        "feature_dims": [InstanceOf(Mapping, what="a dict {modality name: int}")],
+        "num_classes": [Interval(2, None, integer=True)],
+        "fusion": [Options(*FUSIONS), InstanceOf(nn.Module)],
+        "hidden_dim": [None, POSITIVE_INT],
+        "film_target": [None, str],
+    }
 
     def __init__(
         self,
@@ -44,9 +61,12 @@ class MultimodalClassifier(MultimodalModel):
         hidden_dim: int | None = None,
         film_target: str | None = None,
     ):
-        if not isinstance(encoders, Mapping):
-            raise TypeError("encoders must be a dict {modality name: nn.Module}.")
-        super().__init__(encoders.keys(), check_positive_int(num_classes, "num_classes"))
+        num_classes = as_plain_int(num_classes)
+        validate_params(self._parameter_constraints, {
+            "encoders": encoders, "feature_dims": feature_dims, "num_classes": num_classes,
+            "fusion": fusion, "hidden_dim": as_plain_int(hidden_dim), "film_target": film_target,
+        }, "MultimodalClassifier")
+        super().__init__(encoders.keys(), num_classes)
         if set(feature_dims) != set(encoders):
             raise ValueError(
                 f"feature_dims keys {sorted(feature_dims)} must equal encoders keys {sorted(encoders)}."
@@ -54,9 +74,11 @@ class MultimodalClassifier(MultimodalModel):
         for m, enc in encoders.items():
             if not isinstance(enc, nn.Module):
                 raise TypeError(f"encoder for {m!r} must be an nn.Module; got {type(enc).__name__}.")
-            check_positive_int(feature_dims[m], f"feature_dims[{m!r}]")
-        self.feature_dims = {m: int(feature_dims[m]) for m in self.modalities}
-        self.encoders = nn.ModuleDict({m: encoders[m] for m in self.modalities})
+            validate_params({f"feature_dims[{m!r}]": [POSITIVE_INT]},
+                            {f"feature_dims[{m!r}]": as_plain_int(feature_dims[m])},
+                            "MultimodalClassifier")
+        self.feature_dims = {m: int(as_plain_int(feature_dims[m])) for m in self.modalities}
+        self.encoders = ModalityDict({m: encoders[m] for m in self.modalities})
         if isinstance(fusion, nn.Module):
             self.fusion_type = type(fusion).__name__
             self.fusion = fusion

@@ -15,7 +15,14 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..utils.validation import check_features, check_inputs, check_modality_names, check_present
+from ..utils.validation import (
+    check_features,
+    check_inputs,
+    check_logits,
+    check_modality_names,
+    check_present,
+)
+from .names import modality_key
 
 __all__ = ["MultimodalModel", "BaselineStore"]
 
@@ -24,17 +31,20 @@ class BaselineStore(nn.Module):
     """Per-modality baseline vectors as buffers (so they travel with ``state_dict``).
 
     A modality with no stored vector uses zeros. Buffers are created on load when a checkpoint
-    holds them, so a fresh model can load a checkpoint that used a mean baseline.
+    holds them, so a fresh model can load a checkpoint that used a mean baseline. A modality
+    whose name is an attribute of this module (``"get"``, ``"training"``...) is stored under
+    :func:`~modaldiag.models.names.modality_key`.
     """
 
     def get(self, modality: str) -> torch.Tensor | None:
-        return self._buffers.get(modality)
+        return self._buffers.get(modality_key(modality, type(self)))
 
     def set(self, modality: str, value: torch.Tensor | None) -> None:
+        key = modality_key(modality, type(self))
         if value is None:
-            self._buffers.pop(modality, None)
+            self._buffers.pop(key, None)
         else:
-            self.register_buffer(modality, value.detach().clone())
+            self.register_buffer(key, value.detach().clone())
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -141,13 +151,39 @@ class MultimodalModel(nn.Module):
         logits; ``present=()`` gives the logits of the all-baseline input.
         """
         present = check_present(present, self.modalities)
-        check_features(features, self.modalities)
+        batch = check_features(features, self.modalities)
         if len(present) < len(self.modalities):
             features = {
                 m: features[m] if m in present else self.absent_feature(m, features[m])
                 for m in self.modalities
             }
-        return self.fuse(features)
+        return self._checked_logits(self.fuse(features), batch)
+
+    def _checked_logits(self, logits, batch: int, what: str = "the model's head") -> torch.Tensor:
+        """``logits`` after checking its shape is ``(batch, num_classes)``.
+
+        A model built without ``num_classes`` (``md.wrap``) learns it from its first valid output.
+        """
+        check_logits(logits, batch, self.num_classes, what=what)
+        if self.num_classes is None:
+            self.num_classes = int(logits.shape[1])
+        return logits
+
+    def _coalition_fast_path(self, features: Mapping[str, torch.Tensor], masks: torch.Tensor,
+                             batch: int) -> torch.Tensor | None:
+        """:meth:`fuse_coalitions` with its output checked to be ``(K, B, num_classes)``."""
+        fast = self.fuse_coalitions(features, masks)
+        if fast is None:
+            return None
+        k = masks.shape[0]
+        if not isinstance(fast, torch.Tensor) or fast.dim() != 3 or tuple(fast.shape[:2]) != (k, batch):
+            shape = tuple(fast.shape) if isinstance(fast, torch.Tensor) else type(fast).__name__
+            raise ValueError(
+                f"fuse_coalitions returned {shape} for {k} coalitions of {batch} samples; "
+                f"expected (K, B, num_classes) = ({k}, {batch}, {self.num_classes}).")
+        if k:
+            self._checked_logits(fast[0], batch, what="fuse_coalitions")
+        return fast
 
     def head_coalitions(
         self,
@@ -173,15 +209,14 @@ class MultimodalModel(nn.Module):
             Logits of every coalition for every sample. The head runs on stacked coalitions, so
             it must treat rows independently (true for any head in eval mode).
         """
-        check_features(features, self.modalities)
+        batch = check_features(features, self.modalities)
         masks = masks.to(torch.bool)
         if masks.dim() != 2 or masks.shape[1] != len(self.modalities):
             raise ValueError(
                 f"masks must have shape (K, {len(self.modalities)}); got {tuple(masks.shape)}."
             )
         first = features[self.modalities[0]]
-        batch = first.shape[0]
-        fast = self.fuse_coalitions(features, masks.to(first.device))
+        fast = self._coalition_fast_path(features, masks.to(first.device), batch)
         if fast is not None:
             return fast
         per_call = max(1, max_rows // max(batch, 1))
@@ -195,7 +230,7 @@ class MultimodalModel(nn.Module):
                 keep = chunk[:, i].view(k, *([1] * f.dim()))
                 mixed = torch.where(keep, f.unsqueeze(0), self.absent_feature(m, f).unsqueeze(0))
                 stacked[m] = mixed.reshape(k * batch, *f.shape[1:])
-            logits = self.fuse(stacked)
+            logits = self._checked_logits(self.fuse(stacked), k * batch)
             out.append(logits.reshape(k, batch, -1))
         return torch.cat(out, dim=0)
 
@@ -219,9 +254,10 @@ class MultimodalModel(nn.Module):
         Uses one stacked evaluation when the head has an exact coalition fast path; otherwise one
         head call per modality (so a head with batch statistics sees ordinary batches).
         """
+        batch = check_features(features, self.modalities)
         first = features[self.modalities[0]]
         eye = torch.eye(len(self.modalities), dtype=torch.bool, device=first.device)
-        fast = self.fuse_coalitions(features, eye)
+        fast = self._coalition_fast_path(features, eye, batch)
         if fast is not None:
             return {m: fast[i] for i, m in enumerate(self.modalities)}
         return {m: self.head(features, present=(m,)) for m in self.modalities}

@@ -23,6 +23,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from .names import ModalityDict
+
 __all__ = ["FUSIONS", "build_fusion", "ConcatFusion", "SumFusion", "LateFusion", "FiLMFusion",
            "GatedFusion"]
 
@@ -73,7 +75,7 @@ class SumFusion(_Fusion):
     def __init__(self, feature_dims, num_classes, hidden_dim: int | None = None):
         super().__init__(feature_dims, num_classes)
         hidden = hidden_dim or max(self.feature_dims.values())
-        self.proj = nn.ModuleDict({m: nn.Linear(d, hidden, bias=False)
+        self.proj = ModalityDict({m: nn.Linear(d, hidden, bias=False)
                                    for m, d in self.feature_dims.items()})
         self.bias = nn.Parameter(torch.zeros(hidden))
         self.fc = nn.Linear(hidden, num_classes)
@@ -88,7 +90,7 @@ class LateFusion(_Fusion):
 
     def __init__(self, feature_dims, num_classes, hidden_dim: int | None = None):
         super().__init__(feature_dims, num_classes)
-        self.heads = nn.ModuleDict({m: nn.Linear(d, num_classes)
+        self.heads = ModalityDict({m: nn.Linear(d, num_classes)
                                     for m, d in self.feature_dims.items()})
 
     def forward(self, features):
@@ -128,7 +130,7 @@ class GatedFusion(_Fusion):
     def __init__(self, feature_dims, num_classes, hidden_dim: int | None = None):
         super().__init__(feature_dims, num_classes)
         hidden = hidden_dim or max(self.feature_dims.values())
-        self.proj = nn.ModuleDict({m: nn.Linear(d, hidden) for m, d in self.feature_dims.items()})
+        self.proj = ModalityDict({m: nn.Linear(d, hidden) for m, d in self.feature_dims.items()})
         self.gate = nn.Linear(sum(self.feature_dims.values()), len(self.modalities))
         self.fc = nn.Linear(hidden, num_classes)
 

@@ -7,9 +7,19 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from ..utils.validation import InstanceOf, Interval, as_plain_int, validate_params
 from .contract import MultimodalModel
+from .names import ModalityDict
 
 __all__ = ["wrap", "WrappedModel"]
+
+
+_parameter_constraints = {
+    "model": [InstanceOf(nn.Module, what="an nn.Module (the model to wrap)")],
+    "encoders": [InstanceOf(Mapping, what="a dict {modality name: the model's encoder submodule}")],
+    "head": [InstanceOf(Callable, what="a callable head(features: dict[str, Tensor]) -> logits (B, C)")],
+    "num_classes": [None, Interval(2, None, integer=True)],
+}
 
 
 class WrappedModel(MultimodalModel):
@@ -26,11 +36,10 @@ class WrappedModel(MultimodalModel):
         head: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
         num_classes: int | None = None,
     ):
+        num_classes = as_plain_int(num_classes)
+        validate_params(_parameter_constraints, {"model": model, "encoders": encoders,
+                                                 "head": head, "num_classes": num_classes}, "wrap")
         super().__init__(encoders.keys(), num_classes)
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"wrap() needs an nn.Module; got {type(model).__name__}.")
-        if not callable(head):
-            raise TypeError("head must be callable: head(features: dict[str, Tensor]) -> logits.")
         owned = {id(p) for p in model.parameters()}
         for m, enc in encoders.items():
             if not isinstance(enc, nn.Module):
@@ -43,7 +52,7 @@ class WrappedModel(MultimodalModel):
                     "encoders={'audio': model.audio_net}."
                 )
         self.model = model
-        self.encoders = nn.ModuleDict({m: encoders[m] for m in self.modalities})
+        self.encoders = ModalityDict({m: encoders[m] for m in self.modalities})
         self._head_fn = head
         self.fusion_type = "wrapped"
 
@@ -54,8 +63,6 @@ class WrappedModel(MultimodalModel):
                 "the wrapped head returned a tuple; return only the logits (B, C), e.g. "
                 "head=lambda f: model.fusion_module(f['audio'], f['visual'])[-1]."
             )
-        if self.num_classes is None:
-            self.num_classes = int(logits.shape[-1])
         return logits
 
 
@@ -79,7 +86,8 @@ def wrap(
     head : callable
         ``head(features: dict[str, Tensor]) -> logits (B, C)``: the model's fusion part.
     num_classes : int, optional
-        Inferred from the first head call when omitted.
+        At least 2. Inferred from the first head call when omitted; every later head output must
+        then have that many columns (a ValueError names the shape otherwise).
 
     Example
     -------

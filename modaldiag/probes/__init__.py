@@ -1,7 +1,20 @@
-"""Probes: measure what each modality contributes and learns (read-only, no training)."""
+"""Probes: measure what each modality contributes and learns (read-only, no training).
+
+Every probe runs in eval mode and leaves the model (every submodule's mode, ``requires_grad``,
+``.grad``, buffers) and the global python / numpy / torch RNG states exactly as found. Absence
+(for unimodal scores and Shapley values) is the model's stored baseline unless a call overrides
+it with ``baseline="zero"`` or ``"mean"``; every result records the kind it used.
+"""
 
 from .diagnose import Diagnosis, Evidence, diagnose, under_optimisation
-from .fisher import FISHER_FORMS, FisherMonitor, fisher_trace, grad_sq_norms
+from .fisher import (
+    FISHER_ENGINES,
+    FISHER_FORMS,
+    FisherTrace,
+    encoder_grad_sq_norms,
+    fisher_trace,
+    grad_sq_norms,
+)
 from .separability import (
     Separability,
     collect_features,
@@ -22,7 +35,8 @@ from .window import LearningWindow, learning_window, window_state
 
 __all__ = [
     "shapley", "shapley_to_disk", "ShapleyValues", "VALUE_FUNCTIONS", "coalition_masks", "shapley_weights",
-    "fisher_trace", "FisherMonitor", "FISHER_FORMS", "grad_sq_norms",
+    "fisher_trace", "FisherTrace", "FISHER_FORMS", "FISHER_ENGINES", "grad_sq_norms",
+    "encoder_grad_sq_norms",
     "learning_window", "LearningWindow", "window_state",
     "separability", "Separability", "purity", "collect_features", "linear_probe_accuracy",
     "unimodal_scores", "UnimodalScore", "evaluate", "EvalResult", "ogm_ratio", "inforeg_gap",

@@ -1,17 +1,40 @@
-"""Helpers shared by the probes: streaming over a loader in eval mode, baseline selection."""
+"""Helpers shared by the probes: the read-only probe context, streaming over a loader, the
+baseline rule, and the checks run on encoder features and head logits.
+
+The baseline rule: absence is what the model's stored baseline says (``model.set_baseline``:
+``"zero"``, ``"mean"`` or a custom dict) unless the call overrides it with ``baseline="zero"`` or
+``baseline="mean"``. Every probe resolves the rule once (:func:`baseline_context`) and records the
+kind it used in its result.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
 from ..models.contract import MultimodalModel
-from ..utils.torch_utils import module_device, to_device, unwrap
-from ..utils.validation import check_choice, check_inputs, check_labels
+from ..utils.torch_utils import module_device, preserved_state, to_device, unwrap
+from ..utils.validation import (
+    NON_NEGATIVE_INT,
+    Options,
+    Satisfies,
+    check_inputs,
+    check_labels,
+    unpack_batch,
+)
 
-__all__ = ["contract_model", "iterate_batches", "eval_mode", "baseline_context", "autocast_context"]
+__all__ = ["contract_model", "iterate_batches", "eval_mode", "probe_state", "baseline_context",
+           "resolve_baseline", "autocast_context", "encode_checked",
+           "BASELINES", "BASELINE_CONSTRAINT", "SEED", "ITERABLE"]
+
+BASELINES = ("zero", "mean")
+#: ``baseline=`` of every probe: None (the model's stored baseline) or an override
+BASELINE_CONSTRAINT = [Options(None, *BASELINES)]
+SEED = [NON_NEGATIVE_INT]
+ITERABLE = Satisfies(lambda x: isinstance(x, Iterable) and not isinstance(x, (str, bytes, Mapping)),
+                     "an iterable of (inputs, labels) batches (e.g. a DataLoader)")
 
 
 def autocast_context(enabled: bool, inputs):
@@ -34,23 +57,46 @@ def contract_model(model) -> MultimodalModel:
 
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module):
-    was = model.training
+    """Put every submodule in eval mode; on exit restore each submodule's own ``training`` flag.
+
+    ``model.train(was)`` would put a user's frozen (eval-mode) BatchNorm back into train mode;
+    this restores the flags module by module.
+    """
+    modes = [(mod, mod.training) for mod in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was)
+        for mod, training in modes:
+            mod.training = training
+
+
+@contextlib.contextmanager
+def probe_state(model: torch.nn.Module | None):
+    """The context every probe runs in: eval mode inside, and on exit the model (every
+    submodule's mode, ``requires_grad``, ``.grad``, buffers) and the python / numpy / torch global
+    RNG states exactly as found (:class:`~modaldiag.utils.torch_utils.preserved_state`)."""
+    with preserved_state(model):
+        if model is not None:
+            model.eval()
+        yield model
 
 
 def iterate_batches(model: MultimodalModel, loader: Iterable, device=None,
                     ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-    """Validated ``(inputs, labels)`` batches moved to the model's device; raises on an empty loader."""
+    """Validated ``(inputs, labels)`` batches moved to the model's device; raises on an empty loader.
+
+    A loader item that is not an ``(inputs: dict, labels)`` pair (e.g. a published repository's
+    ``(audio, video, label)`` tuple) gives a ValueError that shows how to adapt the loader.
+    """
     device = device or module_device(model)
     n = 0
-    for b, (inputs, labels) in enumerate(loader):
+    for b, batch in enumerate(loader):
+        inputs, labels = unpack_batch(batch, model.modalities, batch_index=b)
         size = check_inputs(inputs, model.modalities, batch_index=b)
         labels = check_labels(labels, model.num_classes or 10**9, batch_size=size, batch_index=b)
-        for m, x in inputs.items():
+        for m in model.modalities:
+            x = inputs[m]
             if x.is_floating_point() and not torch.isfinite(x).all():
                 raise ValueError(
                     f"input of modality {m!r} in batch {b} contains NaN/inf; probes would return "
@@ -61,25 +107,68 @@ def iterate_batches(model: MultimodalModel, loader: Iterable, device=None,
         raise ValueError("the loader is empty: no samples to probe.")
 
 
+def encode_checked(model: MultimodalModel, inputs: Mapping[str, torch.Tensor],
+                   batch_index: int) -> dict[str, torch.Tensor]:
+    """``model.encode(inputs)`` with a clear error when an encoder turns finite inputs into
+    NaN/inf features (a diverged encoder, or a float16 overflow under autocast)."""
+    feats = model.encode(inputs)
+    for m in model.modalities:
+        f = feats[m]
+        if f.is_floating_point() and not torch.isfinite(f).all():
+            bad = int((~torch.isfinite(f)).flatten(1).any(1).sum())
+            raise ValueError(
+                f"the encoder of modality {m!r} produced NaN/inf features from finite inputs "
+                f"(batch {batch_index}, {bad} of {f.shape[0]} samples). Its weights or running "
+                "statistics are probably non-finite (a diverged training run) or a float16 "
+                "activation overflowed (autocast); check torch.isfinite on "
+                f"model.encoders[{m!r}]'s parameters and buffers.")
+    return feats
+
+
+def resolve_baseline(model: MultimodalModel, baseline: str | None) -> str:
+    """The kind of absence a probe will use: ``baseline`` when given, else the model's stored
+    kind (``model.baseline_kind``: ``"zero"``, ``"mean"`` or ``"custom"``)."""
+    return model.baseline_kind if baseline is None else baseline
+
+
 @contextlib.contextmanager
-def baseline_context(model: MultimodalModel, baseline: str, baseline_loader: Iterable | None):
-    """Temporarily use the requested baseline ("zero" or "mean") for absent modalities."""
-    check_choice(baseline, ("zero", "mean"), "baseline")
+def baseline_context(model: MultimodalModel, baseline: str | None,
+                     baseline_loader: Iterable | None = None):
+    """Use the requested absence for the duration of a probe; yields the kind used.
+
+    ``baseline=None`` keeps the model's stored baseline (``baseline_loader`` must then be None);
+    ``"zero"`` uses zero features; ``"mean"`` uses the mean feature over ``baseline_loader`` when
+    given, else the model's stored mean baseline (set by ``model.set_baseline("mean", loader)``).
+    The stored baseline is restored on exit.
+    """
+    if baseline is not None and baseline not in BASELINES:
+        raise ValueError(f"baseline must be None (the model's stored baseline) or one of "
+                         f"{list(BASELINES)}; got {baseline!r}.")
+    if baseline is None and baseline_loader is not None:
+        raise ValueError("baseline_loader is only used with baseline='mean'; pass "
+                         "baseline='mean' with it, or drop it to use the model's stored baseline.")
+    if baseline == "mean" and baseline_loader is None and model.baseline_kind != "mean":
+        raise ValueError(
+            "baseline='mean' needs the training-set mean features: call "
+            "model.set_baseline('mean', train_loader) first or pass baseline_loader=train_loader.")
+    kind = resolve_baseline(model, baseline)
     saved = {m: model.baselines.get(m) for m in model.modalities}
-    saved_kind = getattr(model, "_baseline_kind", None)
+    had_kind = "_baseline_kind" in model.__dict__
+    saved_kind = model.__dict__.get("_baseline_kind")
     try:
         if baseline == "zero":
             model.set_baseline("zero")
-        elif baseline_loader is not None:
-            model.set_baseline("mean", baseline_loader)
-        elif model.baseline_kind != "mean":
-            raise ValueError(
-                "baseline='mean' needs the training-set mean features: call "
-                "model.set_baseline('mean', train_loader) first or pass baseline_loader=train_loader."
-            )
-        yield model
+        elif baseline == "mean" and baseline_loader is not None:
+            with eval_mode(model):
+                model.set_baseline("mean", baseline_loader)
+        yield kind
     finally:
         for m, v in saved.items():
-            model.baselines.set(m, v)
-        if saved_kind is not None:
+            if v is None:
+                model.baselines._buffers.pop(m, None)
+            else:
+                model.baselines.register_buffer(m, v)
+        if had_kind:
             model._baseline_kind = saved_kind
+        else:
+            model.__dict__.pop("_baseline_kind", None)

@@ -21,9 +21,24 @@ import torch
 from torch import nn
 
 from ..utils.io import atomic_write_json
-from ..utils.validation import check_positive_int
-from ._common import contract_model
-from .fisher import fisher_trace
+from ..utils.validation import (
+    BOOL,
+    POSITIVE,
+    POSITIVE_INT,
+    Options,
+    Satisfies,
+    unpack_batch,
+    validate_params,
+)
+from ._common import (
+    BASELINE_CONSTRAINT,
+    ITERABLE,
+    SEED,
+    baseline_context,
+    contract_model,
+    probe_state,
+)
+from .fisher import FISHER_FORMS, fisher_trace
 from .separability import Separability, collect_features, linear_probe_accuracy, separability
 from .shapley import ShapleyValues, shapley
 from .unimodal import EvalResult, evaluate
@@ -56,6 +71,8 @@ class Diagnosis:
 
     ``dominant`` / ``weakest`` are the majority verdicts over ``evidence``; ``agree`` says whether
     every voting probe named the same modalities; ``disagreements`` explains where they did not.
+    ``baseline`` is the kind of absence every absence-based probe used (``"zero"``, ``"mean"`` or
+    ``"custom"``): unimodal accuracy and Shapley always share it.
     """
 
     modalities: tuple[str, ...]
@@ -72,6 +89,7 @@ class Diagnosis:
     disagreements: list[str]
     summary: str
     config: dict = field(default_factory=dict)
+    baseline: str = "zero"
 
     @property
     def starved(self) -> str | None:
@@ -92,7 +110,7 @@ class Diagnosis:
     def to_dict(self) -> dict:
         return {
             "modalities": list(self.modalities), "dominant": self.dominant, "weakest": self.weakest,
-            "agree": self.agree, "starved": self.starved,
+            "agree": self.agree, "starved": self.starved, "baseline": self.baseline,
             "evidence": [e.to_dict() for e in self.evidence],
             "disagreements": self.disagreements, "fused_accuracy": self.fused_accuracy,
             "unimodal": self.unimodal.to_dict(), "shapley": self.shapley.to_dict(),
@@ -143,42 +161,88 @@ def _reset_parameters(module: nn.Module) -> nn.Module:
     return module
 
 
+_UNDER_CONSTRAINTS = {"train_loader": [ITERABLE], "val_loader": [ITERABLE],
+                      "epochs": [POSITIVE_INT], "lr": [POSITIVE], "seed": SEED}
+
+
 def under_optimisation(model, train_loader: Iterable, val_loader: Iterable, *, epochs: int = 20,
                        lr: float = 0.01, seed: int = 0, device=None) -> dict[str, dict]:
     """Per modality: linear-probe accuracy of the jointly trained (frozen) encoder vs the same
     encoder architecture trained alone on that modality (fresh initialisation, linear head,
     cross-entropy, SGD momentum 0.9, ``epochs`` epochs). ``gap = alone - joint``: how much joint
     training starved the modality.
+
+    The reference encoders are trained on copies; the model and the global RNG states are left
+    exactly as found (the copies are seeded from ``seed``).
+
+    Returns
+    -------
+    dict[str, dict]
+        ``{m: {"joint": float, "alone": float, "gap": float}}``.
     """
+    validate_params(_UNDER_CONSTRAINTS, {"train_loader": train_loader, "val_loader": val_loader,
+                                         "epochs": epochs, "lr": lr, "seed": seed},
+                    "under_optimisation")
     net = contract_model(model)
-    check_positive_int(epochs, "epochs")
+    with probe_state(net):
+        return _under_optimisation(net, train_loader, val_loader, epochs, lr, seed, device)
+
+
+def _inputs_of(loader: Iterable, modality: str, modalities):
+    for b, batch in enumerate(loader):
+        inputs, labels = unpack_batch(batch, modalities, batch_index=b)
+        yield inputs[modality], labels
+
+
+@torch.no_grad()
+def _encode_all(encoder, loader, modality, modalities, dev) -> tuple[np.ndarray, np.ndarray]:
+    """Features ``(N, d)`` and labels ``(N,)`` of one modality, from one pass over ``loader``."""
+    feats, labels = [], []
+    for x, y in _inputs_of(loader, modality, modalities):
+        feats.append(encoder(x.to(dev)).float().flatten(1).cpu().numpy())
+        labels.append(torch.as_tensor(y).cpu().numpy())
+    return np.concatenate(feats), np.concatenate(labels)
+
+
+def _under_optimisation(net, train_loader, val_loader, epochs, lr, seed, device) -> dict[str, dict]:
     tx, ty = collect_features(net, train_loader, device)
     vx, vy = collect_features(net, val_loader, device)
+    dev = next(net.parameters()).device
     out = {}
     for i, m in enumerate(net.modalities):
         joint = linear_probe_accuracy(tx[m], ty, vx[m], vy, seed=seed)
         torch.manual_seed(seed + i)
-        encoder = _reset_parameters(copy.deepcopy(net.encoders[m]))
+        encoder = _reset_parameters(copy.deepcopy(net.encoders[m])).requires_grad_(True)
         dim = tx[m].shape[1]
-        alone = nn.Sequential(encoder, nn.Linear(dim, net.num_classes)).to(next(net.parameters()).device)
+        alone = nn.Sequential(encoder, nn.Flatten(), nn.Linear(dim, net.num_classes)).to(dev)
         opt = torch.optim.SGD(alone.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-        dev = next(alone.parameters()).device
         for _ in range(epochs):
             alone.train()
-            for inputs, y in train_loader:
+            for x, y in _inputs_of(train_loader, m, net.modalities):
                 opt.zero_grad(set_to_none=True)
-                nn.functional.cross_entropy(alone(inputs[m].to(dev)), y.to(dev)).backward()
+                nn.functional.cross_entropy(alone(x.to(dev)), y.to(dev)).backward()
                 opt.step()
         alone.eval()
-        with torch.no_grad():
-            fa = np.concatenate([encoder(inp[m].to(dev)).float().flatten(1).cpu().numpy()
-                                 for inp, _ in train_loader])
-            fy = np.concatenate([y.numpy() for _, y in train_loader])
-            fv = np.concatenate([encoder(inp[m].to(dev)).float().flatten(1).cpu().numpy()
-                                 for inp, _ in val_loader])
-        alone_acc = linear_probe_accuracy(fa, fy, fv, vy, seed=seed)
+        fa, fy = _encode_all(encoder, train_loader, m, net.modalities, dev)
+        fv, fvy = _encode_all(encoder, val_loader, m, net.modalities, dev)
+        if not (np.isfinite(fa).all() and np.isfinite(fv).all()):
+            raise ValueError(
+                f"the reference encoder of modality {m!r} trained alone diverged (NaN/inf "
+                f"features after {epochs} epochs at lr={lr}); lower lr.")
+        alone_acc = linear_probe_accuracy(fa, fy, fv, fvy, seed=seed)
         out[m] = {"joint": joint, "alone": alone_acc, "gap": alone_acc - joint}
     return out
+
+
+_DIAGNOSE_CONSTRAINTS = {
+    "loader": [ITERABLE], "val_loader": [None, ITERABLE], "baseline_loader": [None, ITERABLE],
+    "value": [Options("paper", "correct", "prob", "logit", "neg_loss"),
+              Satisfies(callable, "a callable value function (see md.shapley)")],
+    "baseline": BASELINE_CONSTRAINT, "fisher": [None, Options(*FISHER_FORMS)],
+    "reference_epochs": [None, POSITIVE_INT], "seed": SEED, "progress": [BOOL],
+}
+_BASELINE_WORDS = {"zero": "zero features", "mean": "mean training features",
+                   "custom": "custom per-modality baseline vectors"}
 
 
 def _votes(evidence: list[Evidence], key: str, tiebreak: str) -> str:
@@ -200,10 +264,11 @@ def diagnose(
     val_loader: Iterable | None = None,
     *,
     value: str = "paper",
-    baseline: str = "zero",
+    baseline: str | None = None,
     fisher: str | None = "per_sample",
     reference_epochs: int | None = None,
     seed: int = 0,
+    baseline_loader: Iterable | None = None,
     device=None,
     progress: bool = False,
 ) -> Diagnosis:
@@ -217,13 +282,26 @@ def diagnose(
     val_loader : iterable, optional
         Held-out data (V, never the test set during model development): enables separability
         (purity of D vs V, the learning-state gap) and the linear probe.
-    value, baseline : str
-        Shapley game (see :func:`modaldiag.shapley`).
+    value : str, default "paper"
+        Shapley value function (see :func:`modaldiag.shapley`).
+    baseline : {None, "zero", "mean"}, default None
+        What an absent modality becomes, for unimodal accuracy and Shapley alike. None: the
+        model's stored baseline (``model.set_baseline``; zeros unless set); ``"zero"`` /
+        ``"mean"`` override it (``"mean"`` with ``baseline_loader`` or a stored mean baseline).
+        The kind used is ``Diagnosis.baseline`` and is stated in the summary and the report.
     fisher : {"per_sample", "batch", "code"} or None, default "per_sample"
         Form of the Fisher trace to report (None: skip).
     reference_epochs : int, optional
         Opt-in under-optimisation gap: trains a fresh copy of each encoder alone on ``loader`` for
         this many epochs (needs ``val_loader``).
+    seed : int, default 0
+        Seed of k-means, the linear probes, Shapley permutations and the reference encoders
+        (the global RNG is left exactly as found).
+    baseline_loader : iterable, optional
+        With ``baseline="mean"``: the loader whose mean features stand in for absent modalities.
+
+    The model (every submodule's mode, ``requires_grad``, ``.grad``, buffers) and the global RNG
+    states are left exactly as found.
 
     Returns
     -------
@@ -231,22 +309,38 @@ def diagnose(
         ``.dominant``, ``.weakest``, ``.agree``, ``.evidence``, ``.summary``, ``.to_dict()``,
         ``.save(dir)``.
     """
+    validate_params(_DIAGNOSE_CONSTRAINTS,
+                    {"loader": loader, "val_loader": val_loader, "value": value,
+                     "baseline": baseline, "fisher": fisher, "reference_epochs": reference_epochs,
+                     "seed": seed, "baseline_loader": baseline_loader, "progress": progress},
+                    "diagnose")
     net = contract_model(model)
     if reference_epochs is not None and val_loader is None:
         raise ValueError("reference_epochs needs val_loader (the linear probes are scored on it).")
-    ev = evaluate(net, loader, device=device)
-    sv = shapley(net, loader, value=value, baseline=baseline, seed=seed, device=device,
-                 progress=progress)
-    tr = fisher_trace(net, loader, form=fisher, device=device, progress=progress) if fisher else None
-    sep = separability(net, loader, val_loader, seed=seed, device=device) if val_loader is not None else None
-    under = (under_optimisation(net, loader, val_loader, epochs=reference_epochs, seed=seed,
-                                device=device) if reference_epochs else None)
+    with probe_state(net), baseline_context(net, baseline, baseline_loader) as kind:
+        # inside the context the model's stored baseline *is* the requested one: both
+        # absence-based probes below use it (baseline=None)
+        ev = evaluate(net, loader, device=device)
+        sv = shapley(net, loader, value=value, seed=seed, device=device, progress=progress)
+        tr = (fisher_trace(net, loader, form=fisher, device=device, progress=progress)
+              if fisher else None)
+        sep = (separability(net, loader, val_loader, seed=seed, device=device)
+               if val_loader is not None else None)
+        under = (under_optimisation(net, loader, val_loader, epochs=reference_epochs, seed=seed,
+                                    device=device) if reference_epochs else None)
+    return _diagnosis(net, ev, sv, tr, sep, under, kind,
+                      {"value": sv.value, "baseline": kind, "fisher": fisher,
+                       "reference_epochs": reference_epochs, "seed": seed, "n": ev.n})
 
+
+def _diagnosis(net, ev: EvalResult, sv: ShapleyValues, tr, sep, under, kind: str,
+               config: dict) -> Diagnosis:
+    value = sv.value
     evidence = [
         _evidence("unimodal accuracy", {m: s.accuracy for m, s in ev.unimodal.items()},
-                  "accuracy of the joint head with every other modality at its baseline"),
+                  f"accuracy of the joint head with every other modality at its {kind} baseline"),
         _evidence("shapley", sv.mean(),
-                  f"mean sample-level Shapley contribution (value '{value}', baseline '{baseline}')"),
+                  f"mean sample-level Shapley contribution (value '{value}', baseline '{kind}')"),
     ]
     if sep is not None:
         evidence.append(_evidence("linear probe", {m: s.linear_probe for m, s in sep.items()},
@@ -262,7 +356,8 @@ def diagnose(
                 f"{e.probe} ranks {e.dominant!r} first and {e.weakest!r} last ({_fmt(e.scores)}).")
     if disagreements and sep is not None:
         disagreements.append(
-            "Zero-ablation through the joint head measures what the fused model uses; the linear "
+            f"Ablation through the joint head ({kind} baseline) measures what the fused model "
+            "uses; the linear "
             "probe measures what each encoder knows. An encoder can know much (high probe) while "
             "the head relies on it little (low Shapley): that is under-use, not a weak signal.")
     agree = not disagreements
@@ -272,6 +367,8 @@ def diagnose(
         f"Diagnosis of {n} samples, modalities {', '.join(net.modalities)} "
         f"({getattr(net, 'fusion_type', 'custom')} head): {dominant!r} dominates and {weakest!r} "
         f"is the weakest.",
+        f"Absent modalities are replaced by their {_BASELINE_WORDS.get(kind, kind)} "
+        f"(baseline '{kind}', for unimodal accuracy and Shapley alike).",
         f"Fused accuracy {ev.accuracy:.3f}. Unimodal accuracy through the joint head: "
         f"{_fmt({m: s.accuracy for m, s in ev.unimodal.items()}, 3)}.",
         f"Mean Shapley contribution ({value}; fair share = {sv.full_value.mean() / len(net.modalities):.2f}): "
@@ -292,7 +389,5 @@ def diagnose(
                      f"(gap {u['gap']:+.3f}).")
     lines.append("All voting probes agree." if agree else
                  "The probes disagree: " + " ".join(disagreements))
-    config = {"value": value, "baseline": baseline, "fisher": fisher,
-              "reference_epochs": reference_epochs, "seed": seed, "n": n}
     return Diagnosis(net.modalities, dominant, weakest, agree, evidence, ev.accuracy, ev, sv, tr,
-                     sep, under, disagreements, "\n".join(lines), config)
+                     sep, under, disagreements, "\n".join(lines), config, kind)

@@ -2,103 +2,155 @@
 
 Three forms:
 
-- ``per_sample`` (default, the paper): ``Tr F_m = mean_i || grad_{theta_m} CE(x_i, y_i) ||^2``.
-  For encoders built from Linear / Conv1d / Conv2d / BatchNorm layers the per-sample squared norms
-  come from activations and output gradients of one backward pass (no per-sample gradient is
-  materialised, see ``_persample``); any other encoder uses vectorised per-sample gradients
-  (``torch.func.grad`` + ``vmap``) in chunks. ``engine`` forces one of the two;
+- ``per_sample`` (default, the paper): ``Tr F_m = mean_i || grad_{theta_m} CE(x_i, y_i) ||^2``,
+  exact for any encoder. The engine is chosen per model (``engine="auto"``): per-layer hooks
+  (one backward per batch) where they are exact, else ``torch.func`` vmap, else a loop of
+  per-sample backward passes (see :mod:`modaldiag.probes._persample`). The result says which
+  engine ran and why (:class:`FisherTrace`);
 - ``batch``: the mean over batches of the squared norm of the mini-batch gradient (what the online
-  monitor accumulates during training at almost no cost); it underestimates the per-sample form
-  by about the gradient-noise term;
+  monitor, :class:`modaldiag.training.FisherMonitor`, accumulates during training at almost no
+  cost); it underestimates the per-sample form by about the gradient-noise term;
 - ``code``: the released code's form: per Conv/Linear *weight* the element-mean of the squared
   batch gradient, summed over layers (every layer weighs equally), averaged over batches.
 
-Parameters whose gradient is None are skipped.
+``theta_m`` are the trainable parameters reachable from ``model.encoders[m]``: a parameter shared
+by two modalities' encoders counts, with its whole gradient, for both; a parameter of the head
+alone never counts. Parameters whose gradient is None are skipped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..training.callbacks import Callback, StepContext
 from ..utils.distributed import all_reduce_sum
-from ..utils.validation import check_choice, check_positive_int
-from ._common import contract_model, eval_mode, iterate_batches
-from ._persample import hook_sq_norms
+from ..utils.torch_utils import preserved_state
+from ..utils.validation import BOOL, POSITIVE_INT, InstanceOf, Options, validate_params
+from ._common import contract_model, iterate_batches
+from ._persample import (
+    UnsupportedByHooks,
+    hook_sq_norms,
+    hooks_blocker,
+    loop_sq_norms,
+    vmap_sq_norms,
+)
 
-__all__ = ["FisherMonitor", "grad_sq_norms", "fisher_trace", "FISHER_FORMS"]
+__all__ = ["FisherTrace", "grad_sq_norms", "encoder_grad_sq_norms", "fisher_trace",
+           "FISHER_FORMS", "FISHER_ENGINES"]
 
 FISHER_FORMS = ("per_sample", "batch", "code")
+FISHER_ENGINES = ("auto", "hooks", "vmap", "loop")
+
+_parameter_constraints = {
+    "per_sample": [BOOL],
+    "form": [Options(*FISHER_FORMS), None],
+    "chunk_size": [POSITIVE_INT],
+    "engine": [Options(*FISHER_ENGINES)],
+    "device": [None, InstanceOf(str, torch.device, what="a device such as 'cpu' or 'cuda:0'")],
+    "progress": [BOOL],
+}
+
+
+class FisherTrace(dict):
+    """``{m: Tr F_m}`` (a plain ``dict[str, float]`` to every caller) plus how it was computed.
+
+    Attributes
+    ----------
+    form : str
+        ``"per_sample"``, ``"batch"`` or ``"code"``.
+    engine : str or None
+        Per-sample form: the engine that computed it, ``"hooks"``, ``"vmap"`` or ``"loop"``
+        (``"hooks+vmap"`` etc. if a later batch needed a fallback); None for the other forms.
+    reason : str or None
+        Why a faster engine was not used (names the module and the cause), else None.
+    n_samples : int
+        Samples (per-sample form) or batches (other forms) averaged over, summed over DDP ranks.
+    """
+
+    def __init__(self, values: Mapping[str, float] = (), *, form: str = "per_sample",
+                 engine: str | None = None, reason: str | None = None, n_samples: int = 0):
+        super().__init__(values)
+        self.form, self.engine, self.reason, self.n_samples = form, engine, reason, n_samples
+
+    def __reduce__(self):
+        return (type(self), (dict(self),), self.__dict__)
+
+    def __repr__(self) -> str:
+        return f"FisherTrace({dict.__repr__(self)}, form={self.form!r}, engine={self.engine!r})"
 
 
 @torch.no_grad()
-def grad_sq_norms(model) -> dict[str, float]:
-    """``{m: sum over encoder m's parameters of ||grad||^2}``; parameters without grad are skipped."""
-    out = {}
+def encoder_grad_sq_norms(model) -> dict[str, torch.Tensor | None]:
+    """``{m: sum over encoder m's parameters of ||p.grad||^2}`` as 0-dim float tensors (no host
+    sync), None where no parameter of m has a gradient. Shared parameters count for each owner."""
+    out: dict[str, torch.Tensor | None] = {}
     for m in model.modalities:
-        total = None
-        for p in model.encoders[m].parameters():
-            if p.grad is None:
-                continue
-            s = p.grad.detach().float().pow(2).sum()
-            total = s if total is None else total + s
-        out[m] = float(total) if total is not None else 0.0
+        grads = [p.grad for p in model.encoders[m].parameters() if p.grad is not None]
+        out[m] = torch.stack(torch._foreach_norm(grads)).float().pow(2).sum() if grads else None
     return out
 
 
-class FisherMonitor(Callback):
-    """Online Fisher trace ("batch" form): per epoch, the sum over batches of the squared
-    mini-batch gradient norm of each encoder, divided by the number of batches.
-
-    It reads the gradients once per optimizer step, before any regulator modulates them (it runs
-    first), after AMP unscaling and gradient accumulation, and logs
-    ``fisher.<m>`` per epoch. It underestimates the per-sample trace by about the gradient-noise
-    term; use :func:`modaldiag.fisher_trace` with ``per_sample=True`` for the exact form.
-    """
-
-    def __init__(self):
-        self.traces: dict[str, list[float]] = {}
-        self._sums: dict[str, torch.Tensor] = {}
-        self._batches = 0
-
-    def on_train_epoch_start(self, ctx: StepContext) -> None:
-        self._sums = {}
-        self._batches = 0
-
-    @torch.no_grad()
-    def on_before_optimizer_step(self, ctx: StepContext) -> None:
-        from ..regulators.base import squared_norm
-
-        for m in ctx.model.modalities:
-            s = squared_norm([p.grad for p in ctx.model.encoders[m].parameters() if p.grad is not None])
-            if s is not None:
-                self._sums[m] = s if m not in self._sums else self._sums[m] + s
-        self._batches += 1
-
-    def on_train_epoch_end(self, ctx: StepContext) -> None:
-        n = max(self._batches, 1)
-        epoch_traces = {m: float(self._sums[m]) / n if m in self._sums else 0.0
-                        for m in ctx.model.modalities}
-        for m, v in epoch_traces.items():
-            self.traces.setdefault(m, []).append(v)
-        ctx.log("fisher", epoch_traces)
-
-    def state_dict(self) -> dict:
-        return {"traces": {m: list(v) for m, v in self.traces.items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.traces = {m: list(v) for m, v in state.get("traces", {}).items()}
+def grad_sq_norms(model) -> dict[str, float]:
+    """``{m: sum over encoder m's parameters of ||grad||^2}``; parameters without grad are skipped."""
+    return {m: float(v) if v is not None else 0.0 for m, v in encoder_grad_sq_norms(model).items()}
 
 
 def _code_compat_layers(encoder: nn.Module) -> list[nn.Parameter]:
     """Weights of the Conv/Linear layers of ``encoder`` (the released code's selection)."""
     return [mod.weight for mod in encoder.modules()
             if isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)) and mod.weight.requires_grad]
+
+
+class _PerSample:
+    """Runs the requested per-sample engine; in ``auto`` falls back hooks -> vmap -> loop."""
+
+    def __init__(self, net, engine: str, chunk_size: int):
+        self.net, self.requested, self.chunk_size = net, engine, chunk_size
+        self.used: list[str] = []
+        self.reason: str | None = None
+        self.current = engine
+        if engine == "auto":
+            self.reason = hooks_blocker(net)
+            self.current = "hooks" if self.reason is None else "vmap"
+
+    def _note(self, reason: str) -> None:
+        self.reason = reason if self.reason is None else f"{self.reason}; {reason}"
+
+    def __call__(self, inputs, labels) -> dict[str, torch.Tensor]:
+        if self.current == "hooks":
+            try:
+                return self._done("hooks", hook_sq_norms(self.net, inputs, labels))
+            except UnsupportedByHooks as exc:
+                if self.requested == "hooks":
+                    raise ValueError(
+                        f"engine='hooks' cannot compute exact per-sample gradients for this model: "
+                        f"{exc.reason}. Use engine='auto' (the default), which falls back to "
+                        "torch.func vmap or a per-sample loop.") from None
+                self._note(exc.reason)
+                self.current = "vmap"
+        if self.current == "vmap":
+            try:
+                with preserved_state(self.net):
+                    return self._done("vmap", vmap_sq_norms(self.net, inputs, labels, self.chunk_size))
+            except Exception as exc:  # noqa: BLE001 - any vmap limitation; the loop is exact
+                first = (str(exc).strip().splitlines() or [""])[0][:200]
+                if self.requested == "vmap":
+                    raise ValueError(
+                        f"engine='vmap' could not run this model under torch.func.vmap "
+                        f"({type(exc).__name__}: {first}). Use engine='auto' or engine='loop'."
+                    ) from exc
+                self._note(f"torch.func vmap cannot run the model ({type(exc).__name__}: {first})")
+                self.current = "loop"
+        return self._done("loop", loop_sq_norms(self.net, inputs, labels))
+
+    def _done(self, engine: str, sq: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if engine not in self.used:
+            self.used.append(engine)
+        return sq
 
 
 def fisher_trace(
@@ -109,49 +161,60 @@ def fisher_trace(
     form: str | None = None,
     chunk_size: int = 64,
     engine: str = "auto",
-    device=None,
+    device: str | torch.device | None = None,
     progress: bool = False,
-) -> dict[str, float]:
+) -> FisherTrace:
     """Fisher-information trace ``Tr F_m`` of every modality's encoder over ``loader``.
+
+    The model runs in eval mode (BatchNorm uses running statistics, dropout off) and is left
+    exactly as found: every submodule's mode, ``requires_grad``, ``.grad``, buffers and the
+    global RNG state are restored.
 
     Parameters
     ----------
     model : MultimodalModel
-        Evaluated in eval mode (BatchNorm uses running statistics; dropout off).
-    loader : iterable of ``(inputs, labels)``
+        A modaldiag model (``md.MultimodalClassifier`` or ``md.wrap(...)``), DDP-wrapped or not.
+    loader : iterable of ``(inputs: dict[str, Tensor (B, ...)], labels: LongTensor (B,))``
     per_sample : bool, default True
         True: the paper's per-sample form; False: the mini-batch ("batch") form.
     form : {"per_sample", "batch", "code"}, optional
         Overrides ``per_sample``; ``"code"`` is the released code's per-layer-mean form.
     chunk_size : int, default 64
-        Samples per vectorised per-sample gradient call (bounds memory).
-    engine : {"auto", "hooks", "vmap"}, default "auto"
-        How per-sample norms are computed: from layer activations and output gradients (exact for
-        Linear/Conv/BatchNorm encoders, one backward per batch) or with ``torch.func`` vmap (any
-        encoder). ``auto`` uses hooks where every encoder layer is supported.
+        Samples per vectorised per-sample gradient call of the vmap engine (bounds memory).
+    engine : {"auto", "hooks", "vmap", "loop"}, default "auto"
+        How per-sample norms are computed. ``hooks``: from layer inputs and output gradients,
+        one backward per batch; exact for Linear/Conv1d/Conv2d/eval-BatchNorm encoders whose
+        layers each run once on one row per sample, and refused (ValueError naming the module
+        and the cause) otherwise. ``vmap``: ``torch.func`` per-sample gradients, any functional
+        encoder. ``loop``: one backward per sample, any model. ``auto`` uses hooks where they are
+        exact, else vmap, else the loop; the result's ``engine`` and ``reason`` say which and why.
+    device : str or torch.device, optional
+        Where batches are moved (default: the model's device).
+    progress : bool, default False
+        Show a tqdm bar over batches.
 
     Returns
     -------
-    dict[str, float]
-        ``{m: Tr F_m}``, in the order of ``model.modalities``.
+    FisherTrace
+        A ``dict[str, float]`` ``{m: Tr F_m}`` in the order of ``model.modalities``, with
+        attributes ``form``, ``engine``, ``reason`` and ``n_samples``.
     """
+    validate_params(_parameter_constraints,
+                    {"per_sample": per_sample, "form": form, "chunk_size": chunk_size,
+                     "engine": engine, "device": device, "progress": progress}, "fisher_trace")
     net = contract_model(model)
     form = form or ("per_sample" if per_sample else "batch")
-    check_choice(form, FISHER_FORMS, "form")
-    check_positive_int(chunk_size, "chunk_size")
-    check_choice(engine, ("auto", "hooks", "vmap"), "engine")
     totals = {m: 0.0 for m in net.modalities}
     count = 0
-    with eval_mode(net):
+    runner = None
+    with preserved_state(net):
+        net.eval()
+        if form == "per_sample":
+            runner = _PerSample(net, engine, chunk_size)
         for inputs, labels in tqdm(iterate_batches(net, loader, device), desc=f"fisher ({form})",
                                    unit="batch", disable=not progress, leave=False):
-            if form == "per_sample":
-                sq = hook_sq_norms(net, inputs, labels) if engine != "vmap" else None
-                if sq is None:
-                    if engine == "hooks":
-                        raise ValueError("engine='hooks' supports encoders made of Linear, Conv1d, "
-                                         "Conv2d and eval-mode BatchNorm layers only; use 'auto'.")
-                    sq = _per_sample_sq_norms(net, inputs, labels, chunk_size)
+            if runner is not None:
+                sq = runner(inputs, labels)
                 for m in net.modalities:
                     totals[m] += float(sq[m].sum())
                 count += labels.shape[0]
@@ -161,7 +224,9 @@ def fisher_trace(
     # sum over DDP ranks: the trace of the union of every rank's data
     reduced = all_reduce_sum(torch.tensor([totals[m] for m in net.modalities] + [float(count)],
                                           dtype=torch.float64))
-    return {m: float(reduced[i] / reduced[-1]) for i, m in enumerate(net.modalities)}
+    return FisherTrace({m: float(reduced[i] / reduced[-1]) for i, m in enumerate(net.modalities)},
+                       form=form, engine="+".join(runner.used) if runner else None,
+                       reason=runner.reason if runner else None, n_samples=int(reduced[-1]))
 
 
 def _batch_sq_norms(net, inputs, labels, form, totals) -> None:
@@ -171,6 +236,8 @@ def _batch_sq_norms(net, inputs, labels, form, totals) -> None:
     flat = [p for m in net.modalities for p in params[m]]
     with torch.enable_grad():
         loss = F.cross_entropy(net(inputs), labels)
+        if not flat or not loss.requires_grad:
+            return
         grads = torch.autograd.grad(loss, flat, allow_unused=True)
     i = 0
     for m in net.modalities:
@@ -182,35 +249,3 @@ def _batch_sq_norms(net, inputs, labels, form, totals) -> None:
             g = g.detach().float().pow(2)
             totals[m] += float(g.mean() if form == "code" else g.sum())
 
-
-def _per_sample_sq_norms(net, inputs, labels, chunk_size) -> dict[str, torch.Tensor]:
-    """``{m: (B,)}`` squared norms of per-sample gradients w.r.t. encoder m (vectorised)."""
-    from torch.func import functional_call, grad, vmap
-
-    # Names from the de-duplicated parameter list, matched to modalities by identity: a wrapped
-    # model reaches the same parameter under two paths, and functional_call must see it once.
-    owner = {id(p): m for m in net.modalities for p in net.encoders[m].parameters() if p.requires_grad}
-    named = dict(net.named_parameters())
-    enc_names = {m: [n for n, p in named.items() if owner.get(id(p)) == m] for m in net.modalities}
-    buffers = dict(net.named_buffers())
-    trainable = {n: named[n].detach() for m in net.modalities for n in enc_names[m]}
-    frozen = {n: p.detach() for n, p in named.items() if n not in trainable}
-
-    def loss_one(params, x, y):
-        batch = {m: t.unsqueeze(0) for m, t in x.items()}
-        out = functional_call(net, ({**frozen, **params}, buffers), (batch,), tie_weights=False,
-                              strict=False)
-        return F.cross_entropy(out, y.unsqueeze(0))
-
-    per_grad = vmap(grad(loss_one), in_dims=(None, 0, 0))
-    out = {m: [] for m in net.modalities}
-    n = labels.shape[0]
-    for start in range(0, n, chunk_size):
-        x = {m: t[start:start + chunk_size] for m, t in inputs.items()}
-        grads = per_grad(trainable, x, labels[start:start + chunk_size])
-        for m in net.modalities:
-            sq = [torch.linalg.vector_norm(grads[name].flatten(1), dim=1, dtype=torch.float32).pow(2)
-                  for name in enc_names[m]]
-            out[m].append(torch.stack(sq).sum(0) if sq else
-                          torch.zeros(labels[start:start + chunk_size].shape[0], device=labels.device))
-    return {m: torch.cat(v) for m, v in out.items()}

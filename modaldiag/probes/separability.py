@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from ..utils.distributed import all_gather_cat, is_distributed
-from ..utils.validation import check_positive_int
-from ._common import contract_model, eval_mode, iterate_batches
+from ..utils.torch_utils import preserved_state
+from ..utils.validation import BOOL, POSITIVE_INT, validate_params
+from ._common import ITERABLE, SEED, contract_model, encode_checked, iterate_batches, probe_state
 
 __all__ = ["Separability", "separability", "purity", "collect_features", "linear_probe_accuracy"]
 
@@ -42,15 +43,27 @@ class Separability:
         return asdict(self)
 
 
+_PARAMETER_CONSTRAINTS = {
+    "train_loader": [ITERABLE], "val_loader": [ITERABLE], "loader": [ITERABLE],
+    "seed": SEED, "n_init": [POSITIVE_INT], "linear_probe": [BOOL], "silhouette": [BOOL],
+    "max_samples": [POSITIVE_INT], "minibatch_threshold": [POSITIVE_INT],
+    "num_classes": [POSITIVE_INT],
+}
+
+
 @torch.no_grad()
 def collect_features(model, loader: Iterable, device=None) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Encoder outputs ``{m: (N, d_m)}`` and labels ``(N,)`` over ``loader`` (eval mode)."""
+    """Encoder outputs ``{m: (N, d_m)}`` (float32, flattened) and labels ``(N,)`` over ``loader``.
+
+    Runs in eval mode; the model and the global RNG states are left exactly as found.
+    """
+    validate_params(_PARAMETER_CONSTRAINTS, {"loader": loader}, "collect_features")
     net = contract_model(model)
     feats: dict[str, list] = {m: [] for m in net.modalities}
     labels = []
-    with eval_mode(net):
-        for inputs, y in iterate_batches(net, loader, device):
-            f = net.encode(inputs)
+    with probe_state(net):
+        for b, (inputs, y) in enumerate(iterate_batches(net, loader, device)):
+            f = encode_checked(net, inputs, b)
             for m in net.modalities:
                 feats[m].append(f[m].float().flatten(1).cpu().numpy())
             labels.append(y.cpu().numpy())
@@ -70,16 +83,33 @@ def _minmax(x: np.ndarray) -> np.ndarray:
 
 def purity(features: np.ndarray, labels: np.ndarray, num_classes: int, *, seed: int = 0,
            n_init: int = 10, minibatch_threshold: int = 10000) -> float:
-    """k-means purity of min-max-scaled ``features`` (N, d) against ``labels`` (N,)."""
+    """k-means purity of min-max-scaled ``features`` (N, d) against integer ``labels`` (N,).
+
+    ``k = min(num_classes, N)`` clusters, ``n_init`` restarts with ``random_state=seed``
+    (MiniBatchKMeans above ``minibatch_threshold`` samples). Returns a float in (0, 1].
+    """
     from sklearn.cluster import KMeans, MiniBatchKMeans
 
-    x = _minmax(np.asarray(features, dtype=np.float64))
+    validate_params(_PARAMETER_CONSTRAINTS, {"num_classes": num_classes, "seed": seed,
+                                             "n_init": n_init,
+                                             "minibatch_threshold": minibatch_threshold}, "purity")
+    x = np.asarray(features, dtype=np.float64)
+    labels = np.asarray(labels)
+    if x.ndim != 2 or labels.ndim != 1 or len(x) != len(labels) or len(x) == 0:
+        raise ValueError(f"purity needs features (N, d) and labels (N,) with N >= 1; got shapes "
+                         f"{x.shape} and {labels.shape}.")
+    if not np.isfinite(x).all():
+        raise ValueError("purity: the features contain NaN/inf; k-means cannot cluster them.")
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+        raise ValueError("purity: labels must be non-negative integer class indices.")
+    x = _minmax(x)
     k = min(num_classes, len(x))
-    if len(x) > minibatch_threshold:
-        km = MiniBatchKMeans(n_clusters=k, n_init=n_init, random_state=seed, batch_size=2048)
-    else:
-        km = KMeans(n_clusters=k, n_init=n_init, random_state=seed)
-    clusters = km.fit_predict(x)
+    with preserved_state(None):
+        if len(x) > minibatch_threshold:
+            km = MiniBatchKMeans(n_clusters=k, n_init=n_init, random_state=seed, batch_size=2048)
+        else:
+            km = KMeans(n_clusters=k, n_init=n_init, random_state=seed)
+        clusters = km.fit_predict(x)
     total = 0
     for c in np.unique(clusters):
         total += np.bincount(labels[clusters == c]).max()
@@ -92,11 +122,16 @@ def linear_probe_accuracy(train_x, train_y, val_x, val_y, *, seed: int = 0) -> f
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    validate_params(_PARAMETER_CONSTRAINTS, {"seed": seed}, "linear_probe_accuracy")
     if len(np.unique(train_y)) < 2:
         raise ValueError("a linear probe needs at least two classes in the training features.")
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
-    clf.fit(train_x, train_y)
-    return float(clf.score(val_x, val_y))
+    for name, x in (("train_x", train_x), ("val_x", val_x)):
+        if not np.isfinite(np.asarray(x, dtype=np.float64)).all():
+            raise ValueError(f"linear_probe_accuracy: {name} contains NaN/inf features.")
+    with preserved_state(None):
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
+        clf.fit(train_x, train_y)
+        return float(clf.score(val_x, val_y))
 
 
 def _subsample(x: dict, y: np.ndarray, max_samples: int, seed: int):
@@ -137,10 +172,25 @@ def separability(
     -------
     dict[str, Separability]
         ``{m: Separability(train_purity, val_purity, gap, linear_probe, silhouette)}``.
+
+    Runs in eval mode; the model and the global RNG states are left exactly as found.
     """
+    validate_params(_PARAMETER_CONSTRAINTS,
+                    {"train_loader": train_loader, "val_loader": val_loader, "seed": seed,
+                     "n_init": n_init, "linear_probe": linear_probe, "silhouette": silhouette,
+                     "max_samples": max_samples, "minibatch_threshold": minibatch_threshold},
+                    "separability")
     net = contract_model(model)
-    check_positive_int(n_init, "n_init")
+    with probe_state(net):
+        return _separability(net, train_loader, val_loader, seed, n_init, linear_probe,
+                             silhouette, max_samples, minibatch_threshold, device)
+
+
+def _separability(net, train_loader, val_loader, seed, n_init, linear_probe, silhouette,
+                  max_samples, minibatch_threshold, device) -> dict[str, Separability]:
     k = net.num_classes
+    if k is None:
+        raise ValueError("the model's num_classes is unknown; pass num_classes to md.wrap(...).")
     tx, ty = _subsample(*collect_features(net, train_loader, device), max_samples, seed)
     vx, vy = _subsample(*collect_features(net, val_loader, device), max_samples, seed)
     if len(np.unique(ty)) < 2:

@@ -8,10 +8,14 @@ coalitions of a batch go through the head in one stacked call.
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.metadata
 import io
 import itertools
 import json
 import math
+import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +25,20 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..utils.distributed import all_gather_cat, all_reduce_sum, is_distributed
-from ..utils.validation import check_choice, check_positive_int
-from ._common import autocast_context, baseline_context, contract_model, eval_mode, iterate_batches
+from ..utils.distributed import all_gather_cat, all_reduce_sum, is_distributed, rank
+from ..utils.io import atomic_write_bytes, atomic_write_json
+from ..utils.validation import BOOL, POSITIVE_INT, InstanceOf, Options, Satisfies, validate_params
+from ._common import (
+    BASELINE_CONSTRAINT,
+    ITERABLE,
+    SEED,
+    autocast_context,
+    baseline_context,
+    contract_model,
+    encode_checked,
+    iterate_batches,
+    probe_state,
+)
 
 __all__ = ["shapley", "shapley_to_disk", "ShapleyValues", "VALUE_FUNCTIONS", "coalition_masks",
            "shapley_weights", "value_of_logits"]
@@ -201,7 +216,7 @@ class ShapleyValues:
         """Read back the chunks written by :func:`shapley_to_disk` (in chunk order)."""
         directory = Path(directory)
         summary = json.loads((directory / "summary.json").read_text())
-        chunks = sorted(directory.glob("*chunk-*.npz"))
+        chunks = sorted(p for p in directory.glob("*chunk-*.npz") if _CHUNK.match(p.name))
         if not chunks:
             raise ValueError(f"no Shapley chunks in {str(directory)!r}.")
         parts = {k: [] for k in ("values", "full_value", "empty_value", "labels", "predictions")}
@@ -235,12 +250,82 @@ def _permutation_masks(m: int, n_pairs: int, gen: torch.Generator):
     return perms, prefix
 
 
+_METHODS = ("auto", "exact", "permutation")
+_VALUE_CONSTRAINT = [Options(*VALUE_FUNCTIONS),
+                     Satisfies(callable, "a callable (logits (K, B, C), labels (B,), sizes (K,)) "
+                                         "-> values (K, B)")]
+_SHAPLEY_CONSTRAINTS = {
+    "loader": [ITERABLE],
+    "value": _VALUE_CONSTRAINT,
+    "baseline": BASELINE_CONSTRAINT,
+    "method": [Options(*_METHODS)],
+    "n_permutations": [POSITIVE_INT],
+    "seed": SEED,
+    "baseline_loader": [None, ITERABLE],
+    "max_rows": [POSITIVE_INT],
+    "progress": [BOOL],
+    "autocast": [BOOL],
+    "resume": [BOOL],
+    "directory": [InstanceOf(str, os.PathLike, what="a folder path (str or os.PathLike)")],
+}
+
+
+def _batch_generator(seed: int, batch_index: int) -> torch.Generator:
+    """The permutation generator of one batch: depends on (seed, batch index) only, so a batch
+    gets the same permutations in memory, on disk, and when a run resumes."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + batch_index) % 2**63)
+
+
+class _Game:
+    """The Shapley game of one probe call, solved batch by batch."""
+
+    def __init__(self, net, value, method: str, n_permutations: int, seed: int, max_rows: int,
+                 autocast: bool):
+        self.net, self.m = net, len(net.modalities)
+        self.method = ("exact" if self.m <= EXACT_MAX_M else "permutation") if method == "auto" else method
+        self.value_fn = value if callable(value) else (lambda lg, y, s: value_of_logits(lg, y, s, value))
+        self.n_permutations, self.seed = n_permutations, seed
+        self.max_rows, self.autocast = max_rows, autocast
+        self.checked = False
+        if self.method == "exact":
+            self.masks, self.weights, self.sizes = _exact_game(self.m)
+
+    def batch(self, inputs, labels, b: int) -> dict[str, torch.Tensor]:
+        """Per-sample ``values``, ``full_value``, ``empty_value``, ``labels``, ``predictions``
+        (and ``stderr`` in permutation mode) of one batch, on the CPU."""
+        net = self.net
+        with autocast_context(self.autocast, inputs):
+            feats = encode_checked(net, inputs, b)
+            if not self.checked:
+                net.check_absence(feats)
+                self.checked = True
+        out = {}
+        if self.method == "exact":
+            with autocast_context(self.autocast, inputs):
+                logits = net.head_coalitions(feats, self.masks, max_rows=self.max_rows).float()
+            v = self.value_fn(logits, labels, self.sizes.to(labels.device)).double()  # (K, B)
+            phi = v.T @ self.weights.to(v.device)
+            full, empty, pred = v[-1], v[0], logits[-1].argmax(-1)
+        else:
+            phi, err, full, empty, pred = _permutation_batch(
+                net, feats, labels, self.value_fn, self.m, self.n_permutations,
+                _batch_generator(self.seed, b), self.max_rows)
+            out["stderr"] = err.cpu()
+        out.update(values=phi.cpu(), full_value=full.cpu(), empty_value=empty.cpu(),
+                   labels=labels.cpu(), predictions=pred.cpu())
+        return out
+
+
+def _value_name(value) -> str:
+    return value if isinstance(value, str) else getattr(value, "__name__", "custom")
+
+
 @torch.no_grad()
 def shapley(
     model,
     loader: Iterable,
     value: str | Callable = "paper",
-    baseline: str = "zero",
+    baseline: str | None = None,
     method: str = "auto",
     *,
     n_permutations: int = 64,
@@ -256,15 +341,18 @@ def shapley(
     Parameters
     ----------
     model : MultimodalModel
-        Run in eval mode; its state is restored afterwards.
+        Run in eval mode. The model (every submodule's mode, ``requires_grad``, ``.grad``,
+        buffers) and the global RNG states are left exactly as found.
     loader : iterable of ``(inputs, labels)``
     value : {"paper", "correct", "prob", "logit", "neg_loss"} or callable, default "paper"
         Coalition value. ``paper`` is ``|S| * 1[argmax H(S) == y]`` (CVPR 2024): contributions of a
         correctly classified sample sum to M and a balanced sample has ``phi_m = 1``. A callable
         gets ``(logits (K, B, C), labels (B,), sizes (K,))`` and returns ``(K, B)``.
-    baseline : {"zero", "mean"}, default "zero"
-        What an absent modality's feature becomes. ``mean`` uses the model's stored mean baseline
-        or the mean over ``baseline_loader`` (pass the training loader).
+    baseline : {None, "zero", "mean"}, default None
+        What an absent modality's feature becomes. None: the model's stored baseline
+        (``model.set_baseline``; zeros unless set). ``"zero"`` / ``"mean"`` override it for this
+        call; ``mean`` uses the mean over ``baseline_loader`` (pass the training loader) or the
+        model's stored mean baseline. The kind used is recorded in ``ShapleyValues.baseline``.
     method : {"auto", "exact", "permutation"}, default "auto"
         ``exact`` enumerates all 2^M coalitions (efficiency holds to float64 precision);
         ``permutation`` averages marginal contributions over ``2 * n_permutations`` permutations
@@ -272,6 +360,11 @@ def shapley(
         ``auto`` is exact for M <= 10.
     n_permutations : int, default 64
         Antithetic pairs per batch in permutation mode.
+    seed : int, default 0
+        Seed of the permutations (each batch draws from its own generator seeded by
+        ``(seed, batch index)``; the global RNG is not used).
+    baseline_loader : iterable, optional
+        With ``baseline="mean"``: the loader whose mean features stand in for absent modalities.
     max_rows : int, default 65536
         Rows per stacked head call (bounds memory).
     autocast : bool, default False
@@ -282,108 +375,248 @@ def shapley(
     -------
     ShapleyValues
     """
+    validate_params(_SHAPLEY_CONSTRAINTS,
+                    {"loader": loader, "value": value, "baseline": baseline, "method": method,
+                     "n_permutations": n_permutations, "seed": seed,
+                     "baseline_loader": baseline_loader, "max_rows": max_rows,
+                     "progress": progress, "autocast": autocast}, "shapley")
     net = contract_model(model)
-    if not callable(value):
-        check_choice(value, VALUE_FUNCTIONS, "value")
-    check_choice(method, ("auto", "exact", "permutation"), "method")
-    check_positive_int(n_permutations, "n_permutations")
-    m = len(net.modalities)
-    if method == "auto":
-        method = "exact" if m <= EXACT_MAX_M else "permutation"
-    value_fn = value if callable(value) else (lambda lg, y, s: value_of_logits(lg, y, s, value))
-    gen = torch.Generator().manual_seed(seed)
-
-    if method == "exact":
-        masks, weights, sizes = _exact_game(m)
-
-    vals, fulls, empties, labels_all, preds, errs = [], [], [], [], [], []
-    with eval_mode(net), baseline_context(net, baseline, baseline_loader):
+    parts: dict[str, list[torch.Tensor]] = {}
+    with probe_state(net), baseline_context(net, baseline, baseline_loader) as kind:
+        game = _Game(net, value, method, n_permutations, seed, max_rows, autocast)
         batches = iterate_batches(net, loader, device)
-        for inputs, labels in tqdm(batches, desc="shapley", unit="batch", disable=not progress,
-                                   leave=False):
-            with autocast_context(autocast, inputs):
-                feats = net.encode(inputs)
-                if not vals:
-                    net.check_absence(feats)
-            if method == "exact":
-                with autocast_context(autocast, inputs):
-                    logits = net.head_coalitions(feats, masks, max_rows=max_rows).float()
-                v = value_fn(logits, labels, sizes.to(labels.device)).double()  # (K, B)
-                phi = v.T @ weights.to(v.device)
-                full, empty, pred = v[-1], v[0], logits[-1].argmax(-1)
-            else:
-                phi, err, full, empty, pred = _permutation_batch(
-                    net, feats, labels, value_fn, m, n_permutations, gen, max_rows)
-                errs.append(err.cpu())
-            vals.append(phi.cpu())
-            fulls.append(full.cpu())
-            empties.append(empty.cpu())
-            labels_all.append(labels.cpu())
-            preds.append(pred.cpu())
-    gather = all_gather_cat  # the union over DDP ranks (identity in a single process)
+        for b, (inputs, labels) in enumerate(tqdm(batches, desc="shapley", unit="batch",
+                                                  disable=not progress, leave=False)):
+            for key, t in game.batch(inputs, labels, b).items():
+                parts.setdefault(key, []).append(t)
+        cat = {key: all_gather_cat(torch.cat(v)) for key, v in parts.items()}  # union over ranks
     return ShapleyValues(
-        gather(torch.cat(vals)), net.modalities, gather(torch.cat(fulls)), gather(torch.cat(empties)),
-        gather(torch.cat(labels_all)), gather(torch.cat(preds)),
-        value if isinstance(value, str) else getattr(value, "__name__", "custom"), baseline, method,
-        gather(torch.cat(errs)) if errs else None,
-        2 * n_permutations if method == "permutation" else None,
+        cat["values"], net.modalities, cat["full_value"], cat["empty_value"], cat["labels"],
+        cat["predictions"], _value_name(value), kind, game.method, cat.get("stderr"),
+        2 * n_permutations if game.method == "permutation" else None,
     )
 
 
-def shapley_to_disk(model, loader: Iterable, directory, value: str = "paper", baseline: str = "zero",
-                    method: str = "auto", *, resume: bool = True, progress: bool = False,
-                    **kwargs) -> dict:
+# ---------------------------------------------------------------- shapley_to_disk
+_CHUNK = re.compile(r"^(rank\d+-)?chunk-\d{6}\.npz$")
+_CHUNK_KEYS = {"values", "full_value", "empty_value", "labels", "predictions"}
+JOB_FILE = "shapley-job.json"
+
+
+def _modaldiag_version() -> str:
+    try:
+        return importlib.metadata.version("modaldiag")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _hash_tensors(items) -> str:
+    """sha256 over ``(name, tensor)`` pairs: names, dtypes, shapes and the raw bytes."""
+    h = hashlib.sha256()
+    for name, t in items:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _value_id(value) -> str:
+    if isinstance(value, str):
+        return value
+    code = getattr(value, "__code__", None)
+    digest = hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:16] if code else ""
+    return f"callable {getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', '?')} {digest}"
+
+
+def _loader_size(loader) -> dict:
+    def size(obj):
+        try:
+            return len(obj)
+        except TypeError:
+            return None
+
+    dataset = getattr(loader, "dataset", None)
+    return {"batches": size(loader), "samples": size(dataset) if dataset is not None else None}
+
+
+def _job_fingerprint(net, kind: str, value, method: str, n_permutations: int, seed: int,
+                     autocast: bool, loader, inputs, labels) -> dict:
+    """What the chunks of a ``shapley_to_disk`` job depend on (compared on resume)."""
+    return {
+        "modaldiag": _modaldiag_version(),
+        "modalities": list(net.modalities),
+        "model": _hash_tensors(sorted(net.state_dict().items())),
+        "value": _value_id(value), "baseline": kind, "method": method,
+        "n_permutations": n_permutations, "seed": seed, "autocast": autocast,
+        "loader": {**_loader_size(loader),
+                   "first_batch": _hash_tensors([*sorted(inputs.items()), ("labels", labels)])},
+    }
+
+
+def _describe_difference(old: dict, new: dict) -> list[str]:
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if key == "model":
+            diffs.append("the model's weights or buffers (state_dict hash) differ")
+        elif key == "loader" and isinstance(a, dict) and isinstance(b, dict):
+            for sub in sorted(set(a) | set(b)):
+                if a.get(sub) != b.get(sub):
+                    diffs.append("the loader's first batch (inputs/labels hash) differs"
+                                 if sub == "first_batch" else
+                                 f"the loader's {sub}: {a.get(sub)!r} then, {b.get(sub)!r} now")
+        else:
+            diffs.append(f"{key}: {a!r} then, {b!r} now")
+    return diffs
+
+
+def _own_chunk(path: Path) -> bool:
+    """Whether ``path`` is a Shapley chunk modaldiag wrote (name pattern and exact npz keys)."""
+    if not _CHUNK.match(path.name) or not path.is_file():
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return set(data.files) == _CHUNK_KEYS
+    except Exception:  # noqa: BLE001 - unreadable: not recognisably ours
+        return False
+
+
+def _chunks(directory: Path, prefix: str) -> list[Path]:
+    return sorted(p for p in directory.glob(f"{prefix}chunk-*.npz")
+                  if _CHUNK.match(p.name) and (prefix or not p.name.startswith("rank")))
+
+
+def _prepare_job(directory: Path, prefix: str, fingerprint: dict, resume: bool) -> None:
+    """Check (``resume=True``) or reset (``resume=False``) the chunk folder for this job."""
+    job = directory / f"{prefix}{JOB_FILE}"
+    chunks = _chunks(directory, prefix)
+    foreign = [p.name for p in chunks if not _own_chunk(p)]
+    if foreign:
+        raise ValueError(
+            f"{str(directory)!r} holds files named like Shapley chunks that modaldiag did not "
+            f"write ({', '.join(foreign[:3])}); modaldiag will not overwrite them. Move them or "
+            "choose another directory.")
+    old = None
+    if job.exists():
+        try:
+            old = json.loads(job.read_text())
+        except (OSError, ValueError):
+            old = None
+    if resume and chunks:
+        if old is None:
+            raise ValueError(
+                f"{str(directory)!r} holds {len(chunks)} Shapley chunks without a readable job "
+                f"fingerprint ({job.name}), so modaldiag cannot tell which model, value function "
+                "and loader they belong to. Pass resume=False to recompute (deletes only those "
+                "chunk files) or choose another directory.")
+        diffs = _describe_difference(old, fingerprint)
+        if diffs:
+            raise ValueError(
+                f"{str(directory)!r} holds {len(chunks)} Shapley chunks of a different job, so "
+                f"they cannot be resumed: {'; '.join(diffs)}. Pass resume=False to start over "
+                "(deletes only modaldiag's chunk files there) or choose another directory.")
+    if not resume:
+        for path in chunks:
+            path.unlink()
+        summary = directory / "summary.json"
+        if old is not None and rank() == 0 and summary.is_file():
+            summary.unlink()  # written by the job this fingerprint describes
+    if old != fingerprint:
+        atomic_write_json(job, fingerprint)
+
+
+@torch.no_grad()
+def shapley_to_disk(
+    model,
+    loader: Iterable,
+    directory: str | os.PathLike,
+    value: str | Callable = "paper",
+    baseline: str | None = None,
+    method: str = "auto",
+    *,
+    resume: bool = True,
+    progress: bool = False,
+    n_permutations: int = 64,
+    seed: int = 0,
+    baseline_loader: Iterable | None = None,
+    max_rows: int = 65536,
+    device=None,
+    autocast: bool = False,
+) -> dict:
     """Value a dataset of any size with memory bounded independently of N.
 
     Each batch's per-sample results are written atomically to ``directory/chunk-NNNNNN.npz``
-    (``rank<r>-chunk-...`` under DDP); only running sums stay in memory. With ``resume=True``
-    batches whose chunk already exists are not recomputed, so an interrupted run continues where
-    it stopped (the loader must yield the same batches in the same order). Returns the summary
-    (also written to ``summary.json``): mean contribution and low-contribution share per
-    modality, and N. Read everything back with :meth:`ShapleyValues.load`.
-    """
-    from ..utils.distributed import rank
-    from ..utils.io import atomic_write_bytes, atomic_write_json
+    (``rank<r>-chunk-...`` under DDP); only running sums stay in memory. The arguments are those
+    of :func:`shapley`. Returns the summary (also written to ``summary.json``): mean contribution
+    and low-contribution share per modality, N, and how the game was defined (value, baseline,
+    method). Read everything back with :meth:`ShapleyValues.load`.
 
+    Parameters
+    ----------
+    directory : str or os.PathLike
+        The chunk folder. It also receives ``shapley-job.json``, the job's fingerprint: a hash of
+        the model's ``state_dict`` (weights, buffers, stored baseline), the value function,
+        baseline kind, method, ``n_permutations``, ``seed``, ``autocast``, the loader's size and a
+        hash of its first batch, and the modaldiag version.
+    resume : bool, default True
+        Batches whose chunk already exists are not recomputed, so an interrupted run continues
+        where it stopped (the loader must yield the same batches in the same order). Chunks of a
+        different job (fingerprint mismatch) are refused with a ValueError naming what differs.
+        ``resume=False`` deletes the chunk files modaldiag wrote in ``directory`` (and nothing
+        else) and recomputes every batch.
+    """
+    validate_params(_SHAPLEY_CONSTRAINTS,
+                    {"loader": loader, "directory": directory, "value": value,
+                     "baseline": baseline, "method": method, "resume": resume,
+                     "n_permutations": n_permutations, "seed": seed,
+                     "baseline_loader": baseline_loader, "max_rows": max_rows,
+                     "progress": progress, "autocast": autocast}, "shapley_to_disk")
     net = contract_model(model)
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"directory {str(directory)!r} is a file; pass a folder for the chunks.")
     directory.mkdir(parents=True, exist_ok=True)
     prefix = f"rank{rank()}-" if is_distributed() else ""
     m = len(net.modalities)
     sums = torch.zeros(m, dtype=torch.float64)
     low = torch.zeros(m, dtype=torch.float64)
     n = 0
-    for b, batch in enumerate(tqdm(loader, desc="shapley", unit="batch", disable=not progress,
-                                   leave=False)):
-        path = directory / f"{prefix}chunk-{b:06d}.npz"
-        if resume and path.exists():
-            with np.load(path, allow_pickle=False) as data:
-                values, full = torch.from_numpy(data["values"]), torch.from_numpy(data["full_value"])
-        else:
-            sv = shapley(net, [batch], value=value, baseline=baseline, method=method, **kwargs)
-            values, full = sv.values, sv.full_value
-            buffer = io.BytesIO()
-            np.savez(buffer, values=sv.values.numpy(), full_value=sv.full_value.numpy(),
-                     empty_value=sv.empty_value.numpy(), labels=sv.labels.numpy(),
-                     predictions=sv.predictions.numpy())
-            atomic_write_bytes(path, buffer.getvalue())
-        sums += values.sum(0)
-        low += (values < (full / m).unsqueeze(1)).double().sum(0)
-        n += values.shape[0]
+    with probe_state(net), baseline_context(net, baseline, baseline_loader) as kind:
+        game = _Game(net, value, method, n_permutations, seed, max_rows, autocast)
+        batches = iterate_batches(net, loader, device)
+        for b, (inputs, labels) in enumerate(tqdm(batches, desc="shapley", unit="batch",
+                                                  disable=not progress, leave=False)):
+            if b == 0:
+                fingerprint = _job_fingerprint(net, kind, value, game.method, n_permutations,
+                                               seed, autocast, loader, inputs, labels)
+                _prepare_job(directory, prefix, fingerprint, resume)
+            path = directory / f"{prefix}chunk-{b:06d}.npz"
+            if resume and path.exists():
+                with np.load(path, allow_pickle=False) as data:
+                    values = torch.from_numpy(data["values"])
+                    full = torch.from_numpy(data["full_value"])
+            else:
+                out = game.batch(inputs, labels, b)
+                values, full = out["values"], out["full_value"]
+                buffer = io.BytesIO()
+                np.savez(buffer, **{k: out[k].numpy() for k in sorted(_CHUNK_KEYS)})
+                atomic_write_bytes(path, buffer.getvalue())
+            sums += values.sum(0)
+            low += (values < (full / m).unsqueeze(1)).double().sum(0)
+            n += values.shape[0]
     totals = all_reduce_sum(torch.cat([sums, low, torch.tensor([float(n)], dtype=torch.float64)]))
     total_n = float(totals[-1])
-    if total_n == 0:
-        raise ValueError("the loader is empty: no samples to value.")
-    summary = {"modalities": list(net.modalities), "value": value, "baseline": baseline,
-               "method": method if method != "auto" else ("exact" if m <= EXACT_MAX_M else "permutation"),
-               "n": int(total_n),
+    summary = {"modalities": list(net.modalities), "value": _value_name(value), "baseline": kind,
+               "method": game.method, "n": int(total_n),
                "mean": {mod: float(totals[i] / total_n) for i, mod in enumerate(net.modalities)},
                "low_contribution_share": {mod: float(totals[m + i] / total_n)
                                           for i, mod in enumerate(net.modalities)}}
     if not is_distributed() or rank() == 0:
         atomic_write_json(directory / "summary.json", summary)
     return summary
-
 
 def _permutation_batch(net, feats, labels, value_fn, m, n_pairs, gen, max_rows):
     perms, prefix = _permutation_masks(m, n_pairs, gen)

@@ -13,15 +13,18 @@ epoch t is taken at its start, from the traces of epochs < t.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ..utils.validation import check_choice
+from ..utils.validation import BOOL, NON_NEGATIVE_INT, Interval, Options, validate_params
 
 __all__ = ["LearningWindow", "learning_window", "window_state", "growth_ratio"]
 
 DEFAULT_K = {"paper": 0.04, "code": 0.05}
 CODE_WINDOW = 10
+_PARAMETER_CONSTRAINTS = {"rule": [Options("paper", "code")], "K": [None, Interval(None, None)],
+                          "sticky": [BOOL], "epoch": [NON_NEGATIVE_INT]}
 
 
 def growth_ratio(previous: float, current: float) -> float:
@@ -51,8 +54,9 @@ def window_state(traces: Mapping[str, Sequence[float]], epoch: int, *, rule: str
 
     ``previous`` is the state at ``epoch - 1`` (for ``sticky`` windows).
     """
-    check_choice(rule, ("paper", "code"), "rule")
-    K = DEFAULT_K[rule] if K is None else K
+    validate_params(_PARAMETER_CONSTRAINTS, {"rule": rule, "K": K, "sticky": sticky,
+                                             "epoch": epoch}, "window_state")
+    K = DEFAULT_K[rule] if K is None else float(K)
     names = list(traces)
     if rule == "code":
         rho0 = _code_rho(traces[names[0]], epoch)
@@ -140,19 +144,27 @@ def learning_window(traces, *, rule: str = "paper", K: float | None = None,
         The window is a single interval from epoch 0 (paper rule only; the code rule re-evaluates
         every epoch, as released).
     """
+    validate_params(_PARAMETER_CONSTRAINTS, {"rule": rule, "K": K, "sticky": sticky},
+                    "learning_window")
     if hasattr(traces, "series") and hasattr(traces, "modalities"):
         history = traces
         traces = {m: history.series(f"fisher.{m}") for m in history.modalities}
         if any(v != v for vals in traces.values() for v in vals):  # NaN: not monitored
             raise ValueError("the History has no Fisher traces; train with md.fit(..., monitor=True).")
+    if not isinstance(traces, Mapping):
+        raise TypeError(f"learning_window: traces must be a dict {{modality: [Tr_0, Tr_1, ...]}} "
+                        f"or a History; got {type(traces).__name__}.")
     traces = {m: [float(v) for v in vals] for m, vals in traces.items()}
     if not traces:
         raise ValueError("no traces given.")
+    bad = [m for m, vals in traces.items() if not all(math.isfinite(v) for v in vals)]
+    if bad:
+        raise ValueError(f"learning_window: the traces of {bad} contain NaN/inf; pass finite "
+                         "Fisher traces (one per epoch).")
     lengths = {len(v) for v in traces.values()}
     if len(lengths) != 1:
         raise ValueError(f"every modality needs one trace per epoch; lengths differ: "
                          f"{ {m: len(v) for m, v in traces.items()} }.")
-    check_choice(rule, ("paper", "code"), "rule")
     K = DEFAULT_K[rule] if K is None else float(K)
     sticky = sticky and rule == "paper"
     n = lengths.pop()

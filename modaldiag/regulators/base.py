@@ -6,7 +6,9 @@ A regulator is a :class:`~modaldiag.training.Callback` with a few helpers:
   History record under ``regulator.<key>.<m>`` (so every applied coefficient is logged);
 - ``all_reduce_sum(t)`` sums a statistic over DDP ranks (a no-op without a process group), so
   every rank derives the same coefficient from the same numbers;
-- ``conflicts``: names of regulators it cannot be combined with (checked by ``fit``).
+- ``conflicts``: names of regulators it cannot be combined with (checked by
+  :func:`~modaldiag.training.callbacks.check_composition`, re-exported here);
+- ``reset()``: forget run state; a fresh run calls it at ``on_fit_start`` (see below).
 """
 
 from __future__ import annotations
@@ -16,11 +18,25 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from ..training.callbacks import Callback
+from ..training.callbacks import Callback, check_composition
 from ..utils.distributed import all_reduce_sum
+from ..utils.validation import NON_NEGATIVE_INT, POSITIVE_INT, validate_params
 
 __all__ = ["Regulator", "all_reduce_sum", "check_composition", "encoder_parameters",
-           "squared_norm", "true_class_prob_sums"]
+           "squared_norm", "true_class_prob_sums", "SEED", "EPOCH_END", "check_epoch_range"]
+
+#: a generator seed: a non-negative integer
+SEED = NON_NEGATIVE_INT
+#: an exclusive end epoch, or None for "to the end of training"
+EPOCH_END = [POSITIVE_INT, None]
+
+
+def check_epoch_range(owner: str, start_epoch: int, end_epoch: int | None) -> None:
+    """Refuse an empty window ``[start_epoch, end_epoch)`` (it would regulate no epoch)."""
+    if end_epoch is not None and end_epoch <= start_epoch:
+        raise ValueError(f"{owner}: end_epoch must be greater than start_epoch (the window is "
+                         f"[start_epoch, end_epoch)); got start_epoch={start_epoch}, "
+                         f"end_epoch={end_epoch}. Use end_epoch=None to regulate to the end.")
 
 
 @torch.no_grad()
@@ -43,29 +59,67 @@ def encoder_parameters(model, modality: str) -> list[torch.nn.Parameter]:
 
 
 class Regulator(Callback):
-    """Base class of InfoReg, Relearning, OGM, OPM, MMPareto and ValuationResampling."""
+    """Base class of InfoReg, Relearning, OGM, OPM, MMPareto and ValuationResampling.
 
-    #: class names this regulator cannot be combined with
-    conflicts: tuple[str, ...] = ()
+    Run state (anchors, initial weights, traces, counters, cached parameter groups, pending
+    masks) is created by :meth:`reset`, which ``__init__`` calls and which runs again at
+    ``on_fit_start`` of every fresh run: one regulator object can drive any number of runs, each
+    as if the object were new. State restored with :meth:`load_state_dict` (resuming a run) is
+    kept by the next ``on_fit_start``. Constructor arguments are checked against the class's
+    ``_parameter_constraints`` (see :func:`modaldiag.utils.validation.validate_params`).
+    """
+
+    single_instance = True
+    #: declared constraints of the constructor arguments (name -> admissible constraints)
+    _parameter_constraints: dict[str, list] = {}
 
     def __init__(self):
+        self._restored = False
+        self.reset()
+
+    def _validate(self, **params) -> None:
+        """Check constructor arguments against ``_parameter_constraints`` (ValueError/TypeError)."""
+        validate_params(self._parameter_constraints, params, type(self).__name__)
+
+    def reset(self) -> None:
+        """Forget all run state (called at the start of every fresh run). Subclasses extend it."""
         self._sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self._counts: dict[str, int] = defaultdict(int)
         self._last: dict[str, object] = {}
         self._groups_key = None
         self._groups: dict[str, list[torch.nn.Parameter]] = {}
+        self._head: list[torch.nn.Parameter] = []
 
-    def groups(self, model) -> dict[str, list[torch.nn.Parameter]]:
-        """Trainable parameters per modality (module identity) plus ``"__head__"``; cached per
-        model (rebuilt if the model or its parameter count changes)."""
+    def on_fit_start(self, ctx) -> None:
+        """A fresh run resets the run state; a run resumed via ``load_state_dict`` keeps it."""
+        if self._restored:
+            self._restored = False
+        else:
+            self.reset()
+
+    def on_fit_end(self, ctx) -> None:
+        self._restored = False
+
+    def _build_groups(self, model) -> None:
         key = (id(model), sum(1 for _ in model.parameters()))
         if key != self._groups_key:
             groups = {m: encoder_parameters(model, m) for m in model.modalities}
             enc_ids = {id(p) for ps in groups.values() for p in ps}
-            groups["__head__"] = [p for p in model.parameters()
-                                  if p.requires_grad and id(p) not in enc_ids]
+            self._head = [p for p in model.parameters() if p.requires_grad and id(p) not in enc_ids]
             self._groups, self._groups_key = groups, key
+
+    def groups(self, model) -> dict[str, list[torch.nn.Parameter]]:
+        """Trainable parameters per modality (module identity), keyed by modality name only;
+        cached per model (rebuilt if the model or its parameter count changes). The head's
+        parameters are :meth:`head_parameters`, never a key of this dict, so no modality name
+        can collide with an internal key."""
+        self._build_groups(model)
         return self._groups
+
+    def head_parameters(self, model) -> list[torch.nn.Parameter]:
+        """Trainable parameters outside every encoder (the fusion head), cached like :meth:`groups`."""
+        self._build_groups(model)
+        return self._head
 
     # ---------------------------------------------------------------- logging
     def record(self, key: str, values: dict[str, float]) -> None:
@@ -90,6 +144,14 @@ class Regulator(Callback):
 
     all_reduce_sum = staticmethod(all_reduce_sum)
 
+    # ---------------------------------------------------------------- state
+    def load_state_dict(self, state: dict) -> None:
+        """Restore run state (subclasses load theirs, then call this); the next ``on_fit_start``
+        keeps it instead of resetting."""
+        if state and type(self).state_dict is Callback.state_dict:
+            raise ValueError(f"{type(self).__name__} keeps no state but was given {sorted(state)}.")
+        self._restored = True
+
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({params})"
@@ -97,22 +159,3 @@ class Regulator(Callback):
     def config(self) -> dict:
         """Constructor arguments (for the run's configuration record)."""
         return {}
-
-
-def check_composition(callbacks) -> None:
-    """Refuse combinations of regulators that cannot work together, with a clear message."""
-    regs = [cb for cb in callbacks if isinstance(cb, Regulator)]
-    names = [type(r).__name__ for r in regs]
-    for name in set(names):
-        if names.count(name) > 1:
-            raise ValueError(f"two {name} regulators given; use one (each keeps run state).")
-    for r in regs:
-        clash = [n for n in names if n in r.conflicts]
-        if clash:
-            raise ValueError(
-                f"{type(r).__name__} cannot be combined with {clash}: both rewrite the encoders' "
-                "gradients by different rules. Use one of them."
-            )
-    loaders = [type(cb).__name__ for cb in callbacks if type(cb).train_loader is not Callback.train_loader]
-    if len(loaders) > 1:
-        raise ValueError(f"{loaders} each replace the training loader; use only one of them.")

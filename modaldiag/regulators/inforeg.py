@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..probes.fisher import fisher_trace
 from ..probes.unimodal import inforeg_gap
 from ..probes.window import window_state
-from ..utils.validation import check_choice
+from ..utils.validation import BOOL, NON_NEGATIVE, POSITIVE, Interval, Options, Satisfies
 from .base import Regulator, all_reduce_sum, encoder_parameters, squared_norm, true_class_prob_sums
 
 __all__ = ["InfoReg"]
@@ -38,10 +38,10 @@ class InfoReg(Regulator):
 
     Parameters
     ----------
-    beta : float, default 0.9
+    beta : float >= 0, default 0.9
         ``alpha_m = exp(beta * tanh(Delta_m))``.
-    K : float, optional
-        Window threshold (default 0.04 paper rule, 0.05 code rule).
+    K : float in [0, 1), optional
+        Window threshold on the relative trace growth (default 0.04 paper rule, 0.05 code rule).
     rule : {"paper", "code"}, default "paper"
         Window rule (see :func:`modaldiag.learning_window`).
     trace : {"online", "per_sample"}, default "online"
@@ -56,23 +56,45 @@ class InfoReg(Regulator):
         InfoReg*: add ``CE(head(present=(m,)), y)`` per modality to the loss.
     regulate_always : bool, default False
         Ablation: ignore the window (regulate throughout training).
+    code_scale : pair of positive floats, default (0.95, 0.1)
+        ``coefficient="code"``: the scale ``c_m`` of the first modality and of the others.
+
+    Traces, window and anchors are run state: a fresh run (``on_fit_start``) starts them anew;
+    ``load_state_dict`` (resume) keeps them.
     """
 
     needs_unimodal_logits = True
+    _parameter_constraints = {
+        "beta": [NON_NEGATIVE],
+        "K": [Interval(0, 1, closed="left"), None],
+        "rule": [Options("paper", "code")],
+        "trace": [Options("online", "per_sample")],
+        "score": [Options("prob", "neg_ce", "code")],
+        "coefficient": [Options("paper", "code")],
+        "unimodal_loss": [BOOL],
+        "regulate_always": [BOOL],
+        "code_scale": [Satisfies(lambda v: isinstance(v, (tuple, list)) and len(v) == 2
+                                 and all(POSITIVE.accepts(x) for x in v),
+                                 "a pair of positive finite numbers (first modality, others)")],
+    }
 
     def __init__(self, beta: float = 0.9, K: float | None = None, *, rule: str = "paper",
                  trace: str = "online", score: str = "prob", coefficient: str = "paper",
                  unimodal_loss: bool = False, regulate_always: bool = False,
                  code_scale: tuple[float, float] = (0.95, 0.1)):
+        self._validate(beta=beta, K=K, rule=rule, trace=trace, score=score,
+                       coefficient=coefficient, unimodal_loss=unimodal_loss,
+                       regulate_always=regulate_always, code_scale=code_scale)
         super().__init__()
         self.beta, self.K = float(beta), K
-        self.rule = check_choice(rule, ("paper", "code"), "rule")
-        self.trace = check_choice(trace, ("online", "per_sample"), "trace")
-        self.score = check_choice(score, ("prob", "neg_ce", "code"), "score")
-        self.coefficient = check_choice(coefficient, ("paper", "code"), "coefficient")
-        self.unimodal_loss = bool(unimodal_loss)
-        self.regulate_always = bool(regulate_always)
-        self.code_scale = tuple(code_scale)
+        self.rule, self.trace, self.score, self.coefficient = rule, trace, score, coefficient
+        self.unimodal_loss = unimodal_loss
+        self.regulate_always = regulate_always
+        self.code_scale = tuple(float(c) for c in code_scale)
+
+    def reset(self) -> None:
+        """Forget traces, window, anchors and step accumulators (a fresh run)."""
+        super().reset()
         self.traces: dict[str, list[float]] = {}
         self.window: dict[str, bool] = {}
         self.anchors: dict[str, list[torch.Tensor]] = {}
@@ -180,3 +202,4 @@ class InfoReg(Regulator):
         self.traces = {m: list(v) for m, v in state.get("traces", {}).items()}
         self.window = dict(state.get("window", {}))
         self.anchors = {m: list(ts) for m, ts in state.get("anchors", {}).items()}
+        super().load_state_dict(state)

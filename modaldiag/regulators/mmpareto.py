@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..utils.distributed import all_reduce_sum, world_size
+from ..utils.validation import POSITIVE
 from .base import Regulator
 
 __all__ = ["MMPareto", "pareto_combine"]
@@ -66,17 +67,27 @@ class MMPareto(Regulator):
 
     Parameters
     ----------
-    gamma : float, default 1.5
-        Magnitude factor of the final encoder gradient.
+    gamma : float > 0, default 1.5
+        Magnitude factor of the final encoder gradient (``gamma <= 0`` would stop or reverse
+        training and is refused).
+
+    Not usable with ``nn.DataParallel`` (its replicas break the two separate gradient passes):
+    use DistributedDataParallel or the unwrapped model.
     """
 
     needs_unimodal_logits = True
     conflicts = ("OGM",)
+    _parameter_constraints = {"gamma": [POSITIVE]}
 
     def __init__(self, gamma: float = 1.5):
+        self._validate(gamma=gamma)
         super().__init__()
         self.gamma = float(gamma)
-        self._deferred: dict[int, torch.Tensor] | None = None
+
+    def reset(self) -> None:
+        """Forget gradients deferred for a framework's optimizer step (a fresh run)."""
+        super().reset()
+        self._deferred: dict[torch.nn.Parameter, torch.Tensor] | None = None
 
     def config(self) -> dict:
         return {"gamma": self.gamma}
@@ -94,8 +105,7 @@ class MMPareto(Regulator):
         """For frameworks that run their own backward (Lightning): compute the combined encoder
         gradients now, and write them at ``on_before_optimizer_step`` over the encoders' plain
         summed gradients (head gradients stay the framework's plain sum)."""
-        groups = self.groups(ctx.model)
-        enc_ids = {id(p) for m in ctx.model.modalities for p in groups[m]}
+        enc_ids = {id(p) for ps in self.groups(ctx.model).values() for p in ps}
         combined = self.combined_gradients(ctx, retain_graph=True)
         if self._deferred is None:
             self._deferred = {}
@@ -118,7 +128,7 @@ class MMPareto(Regulator):
         loss_mm = sum(v for k, v in ctx.losses.items() if k not in uni_keys)
         groups = self.groups(model)
         enc = {m: groups[m] for m in model.modalities}
-        head = groups["__head__"]
+        head = self.head_parameters(model)
         params = [p for m in model.modalities for p in enc[m]] + head
 
         def grads(loss, retain):

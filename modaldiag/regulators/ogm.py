@@ -12,7 +12,8 @@ standard deviation of its *unmodulated* gradient. Modulation runs for epochs in
 Differences from the released code: all encoder parameters are modulated by default
 (``conv_only=True`` restricts it to convolution weights, as released); parameters are found by
 module identity, not by name (the released code silently does nothing outside DataParallel).
-The noise comes from a generator seeded by (seed, step), identical on every rank.
+The noise comes from a generator seeded by (seed, optimizer step), identical on every rank; the
+step advances by itself in plain loops too (``md.Regulation``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import torch
 from torch import nn
 
 from ..probes.unimodal import ogm_ratio
-from .base import Regulator, all_reduce_sum, true_class_prob_sums
+from ..utils.validation import BOOL, NON_NEGATIVE, NON_NEGATIVE_INT
+from .base import EPOCH_END, SEED, Regulator, all_reduce_sum, check_epoch_range, true_class_prob_sums
 
 __all__ = ["OGM", "ogm_coefficients"]
 
@@ -45,29 +47,41 @@ class OGM(Regulator):
 
     Parameters
     ----------
-    alpha : float, default 0.8
-        Modulation strength (paper 0.1..0.8; the journal version uses 2.6 on CREMA-D).
+    alpha : float >= 0, default 0.8
+        Modulation strength (paper 0.1..0.8; the journal version uses 2.6 on CREMA-D). With
+        ``alpha=0`` and ``noise=True`` only the GE noise acts.
     noise : bool, default False
         True: OGM-GE (generalisation enhancement noise on all encoders).
-    start_epoch, end_epoch : int
+    start_epoch : int >= 0, default 0
+    end_epoch : int > start_epoch, optional
         Modulate during epochs ``[start_epoch, end_epoch)`` (``end_epoch=None``: to the end).
     conv_only : bool, default False
         Modulate only convolution weights (the released code's 4-D-gradient rule).
-    seed : int, default 0
-        Seed of the GE noise.
+    seed : int >= 0, default 0
+        Seed of the GE noise. The noise of optimizer step ``t`` is drawn from a generator seeded
+        with ``(seed, t)``: different at every step, identical on every DDP rank, and the same in
+        ``md.fit``, a plain loop and Lightning.
     """
 
     needs_unimodal_logits = True
     conflicts = ("MMPareto",)
+    _parameter_constraints = {"alpha": [NON_NEGATIVE], "noise": [BOOL],
+                              "start_epoch": [NON_NEGATIVE_INT], "end_epoch": EPOCH_END,
+                              "conv_only": [BOOL], "seed": [SEED]}
 
     def __init__(self, alpha: float = 0.8, noise: bool = False, *, start_epoch: int = 0,
                  end_epoch: int | None = None, conv_only: bool = False, seed: int = 0):
+        self._validate(alpha=alpha, noise=noise, start_epoch=start_epoch, end_epoch=end_epoch,
+                       conv_only=conv_only, seed=seed)
+        check_epoch_range("OGM", start_epoch, end_epoch)
         super().__init__()
-        if alpha < 0:
-            raise ValueError(f"alpha must be >= 0; got {alpha}.")
-        self.alpha, self.noise = float(alpha), bool(noise)
-        self.start_epoch, self.end_epoch = int(start_epoch), end_epoch
-        self.conv_only, self.seed = bool(conv_only), int(seed)
+        self.alpha, self.noise = float(alpha), noise
+        self.start_epoch, self.end_epoch = start_epoch, end_epoch
+        self.conv_only, self.seed = conv_only, seed
+
+    def reset(self) -> None:
+        """Forget the accumulated scores and the last coefficients (a fresh run)."""
+        super().reset()
         self._score_sums: torch.Tensor | None = None
         self.coefficients: dict[str, float] = {}
 
@@ -124,3 +138,4 @@ class OGM(Regulator):
 
     def load_state_dict(self, state: dict) -> None:
         self._score_sums = None
+        super().load_state_dict(state)

@@ -19,7 +19,8 @@ import math
 import torch
 
 from ..probes.unimodal import ogm_ratio
-from .base import Regulator, all_reduce_sum, true_class_prob_sums
+from ..utils.validation import NON_NEGATIVE, NON_NEGATIVE_INT, Interval
+from .base import EPOCH_END, SEED, Regulator, all_reduce_sum, check_epoch_range, true_class_prob_sums
 
 __all__ = ["OPM", "opm_drop_probability"]
 
@@ -33,24 +34,38 @@ class OPM(Regulator):
 
     Parameters
     ----------
-    q_base : float, default 0.5
-    lam : float, default 0.5
-    p_exe : float, default 0.7
-        Probability that a batch is modulated at all.
-    start_epoch, end_epoch : int
-        Active during ``[start_epoch, end_epoch)``.
-    seed : int, default 0
-        Seed of the drop masks (identical decisions on every rank for the per-batch draw).
+    q_base : float in (0, 1], default 0.5
+        Base drop probability of the dominant modality (0 would never drop: refused).
+    lam : float >= 0, default 0.5
+        Growth of the drop probability with the dominance ``rho - 1``.
+    p_exe : float in (0, 1], default 0.7
+        Probability that a batch is modulated at all (0 would never modulate: refused).
+    start_epoch : int >= 0, default 0
+    end_epoch : int > start_epoch, optional
+        Active during ``[start_epoch, end_epoch)`` (``None``: to the end).
+    seed : int >= 0, default 0
+        Seed of the drop decisions: step ``t`` draws from a generator seeded with ``(seed, t)``,
+        so masks differ at every step, match on every DDP rank for the per-batch draw, and are the
+        same in ``md.fit``, a plain loop and Lightning.
     """
+
+    _parameter_constraints = {"q_base": [Interval(0, 1, closed="right")], "lam": [NON_NEGATIVE],
+                              "p_exe": [Interval(0, 1, closed="right")],
+                              "start_epoch": [NON_NEGATIVE_INT], "end_epoch": EPOCH_END,
+                              "seed": [SEED]}
 
     def __init__(self, q_base: float = 0.5, lam: float = 0.5, p_exe: float = 0.7, *,
                  start_epoch: int = 0, end_epoch: int | None = None, seed: int = 0):
+        self._validate(q_base=q_base, lam=lam, p_exe=p_exe, start_epoch=start_epoch,
+                       end_epoch=end_epoch, seed=seed)
+        check_epoch_range("OPM", start_epoch, end_epoch)
         super().__init__()
-        for name, v in (("q_base", q_base), ("p_exe", p_exe)):
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1]; got {v}.")
         self.q_base, self.lam, self.p_exe = float(q_base), float(lam), float(p_exe)
-        self.start_epoch, self.end_epoch, self.seed = int(start_epoch), end_epoch, int(seed)
+        self.start_epoch, self.end_epoch, self.seed = start_epoch, end_epoch, seed
+
+    def reset(self) -> None:
+        """Forget the last drop mask (a fresh run)."""
+        super().reset()
         self.last_mask: torch.Tensor | None = None
 
     def config(self) -> dict:

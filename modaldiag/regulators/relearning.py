@@ -17,7 +17,8 @@ import math
 import torch
 
 from ..probes.separability import separability
-from .base import Regulator, encoder_parameters
+from ..utils.validation import BOOL, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Satisfies
+from .base import SEED, Regulator, encoder_parameters
 
 __all__ = ["Relearning"]
 
@@ -27,11 +28,11 @@ class Relearning(Regulator):
 
     Parameters
     ----------
-    lam : float, default 3.0
+    lam : float > 0, default 3.0
         ``alpha_m = tanh(lam * gap_m)`` (the paper uses 7 for Kinetics-Sounds, 8 for MOSI).
-    every : int, default 20
+    every : int >= 1, default 20
         H: re-initialise after every H epochs.
-    max_resets : int, default 3
+    max_resets : int >= 0, default 3
         R: at most this many re-initialisations.
     val_loader : iterable, optional
         Held-out data for the gap; default: the validation loader given to ``fit``. Carve it from
@@ -40,19 +41,34 @@ class Relearning(Regulator):
         Also move BatchNorm running statistics of the encoders towards their initial values.
     reset_optimizer : bool, default False
         Also drop the optimizer state (e.g. momentum) of the re-initialised parameters.
-    seed : int, default 0
+    seed : int >= 0, default 0
         k-means seed of the separability probe.
+
+    The initial weights, the reset count and the reset history are run state: every fresh run
+    (``on_fit_start``) remembers *its* model's initial weights and starts counting from zero;
+    ``load_state_dict`` (resume) keeps the restored ones.
     """
+
+    _parameter_constraints = {
+        "lam": [POSITIVE], "every": [POSITIVE_INT], "max_resets": [NON_NEGATIVE_INT],
+        "val_loader": [None, Satisfies(lambda v: hasattr(v, "__iter__") and not isinstance(v, str),
+                                       "an iterable of (inputs, labels) batches")],
+        "reset_bn": [BOOL], "reset_optimizer": [BOOL], "seed": [SEED],
+    }
 
     def __init__(self, lam: float = 3.0, every: int = 20, max_resets: int = 3, *,
                  val_loader=None, reset_bn: bool = False, reset_optimizer: bool = False,
                  seed: int = 0):
+        self._validate(lam=lam, every=every, max_resets=max_resets, val_loader=val_loader,
+                       reset_bn=reset_bn, reset_optimizer=reset_optimizer, seed=seed)
         super().__init__()
-        if every < 1 or max_resets < 0:
-            raise ValueError(f"every must be >= 1 and max_resets >= 0; got {every}, {max_resets}.")
-        self.lam, self.every, self.max_resets = float(lam), int(every), int(max_resets)
+        self.lam, self.every, self.max_resets = float(lam), every, max_resets
         self.val_loader, self.reset_bn, self.reset_optimizer = val_loader, reset_bn, reset_optimizer
         self.seed = seed
+
+    def reset(self) -> None:
+        """Forget the initial weights, the reset count and the history (a fresh run)."""
+        super().reset()
         self.init_params: dict[str, list[torch.Tensor]] = {}
         self.init_buffers: dict[str, dict[str, torch.Tensor]] = {}
         self.resets = 0
@@ -63,6 +79,7 @@ class Relearning(Regulator):
                 "reset_bn": self.reset_bn, "reset_optimizer": self.reset_optimizer}
 
     def on_fit_start(self, ctx) -> None:
+        super().on_fit_start(ctx)
         if not self.init_params:
             self.remember_init(ctx.model)
 
@@ -125,3 +142,4 @@ class Relearning(Regulator):
         self.init_buffers = {m: dict(v) for m, v in state.get("init_buffers", {}).items()}
         self.resets = int(state["resets"])
         self.history = list(state.get("history", []))
+        super().load_state_dict(state)

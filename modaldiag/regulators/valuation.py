@@ -21,11 +21,11 @@ import math
 import torch
 from torch.utils.data import default_collate
 
-from ..datasets.base import loader_dataset
-from ..probes.shapley import shapley
+from ..datasets.base import MultimodalDataset, batch_loader, loader_dataset
+from ..probes.shapley import VALUE_FUNCTIONS, shapley
 from ..utils.distributed import all_gather_cat, rank, world_size
-from ..utils.validation import check_choice
-from .base import Regulator
+from ..utils.validation import NON_NEGATIVE_INT, POSITIVE, Interval, Options, Satisfies
+from .base import SEED, Regulator
 
 __all__ = ["ValuationResampling", "extra_copies"]
 
@@ -85,25 +85,43 @@ class ValuationResampling(Regulator):
     Parameters
     ----------
     level : {"sample", "modality"}, default "sample"
-    warmup : int, default 5
+    warmup : int >= 0, default 5
         Epochs of plain joint training before re-sampling starts.
-    alpha : float, default 1.0
+    alpha : float > 0, default 1.0
         Modality-level ratio factor.
-    subset : float, default 0.2
+    subset : float in (0, 1], default 0.2
         Modality-level: share of training samples valued each epoch.
-    value, baseline : str
-        Valuation game (default the paper's ``|S| * correct``, zero baseline).
-    seed : int, default 0
+    value : str or callable, default "paper"
+        Valuation game (see :func:`modaldiag.shapley`; default the paper's ``|S| * correct``).
+    baseline : {None, "zero", "mean"}, default None
+        Absence in the valuation game; None: the model's stored baseline, the same one the
+        re-sampled copies are trained with.
+    seed : int >= 0, default 0
+        Seed of the epoch's shuffling and of the modality-level draws (seeded by (seed, epoch)).
     """
 
+    _parameter_constraints = {
+        "level": [Options("sample", "modality")], "warmup": [NON_NEGATIVE_INT],
+        "alpha": [POSITIVE], "subset": [Interval(0, 1, closed="right")],
+        "value": [Options(*VALUE_FUNCTIONS),
+                  Satisfies(callable, "a callable (logits (K, B, C), labels (B,), sizes (K,)) "
+                                      "-> values (K, B)")],
+        "baseline": [None, Options("zero", "mean")], "seed": [SEED],
+    }
+
     def __init__(self, level: str = "sample", *, warmup: int = 5, alpha: float = 1.0,
-                 subset: float = 0.2, value: str = "paper", baseline: str = "zero", seed: int = 0):
+                 subset: float = 0.2, value: str = "paper", baseline: str | None = None,
+                 seed: int = 0):
+        self._validate(level=level, warmup=warmup, alpha=alpha, subset=subset, value=value,
+                       baseline=baseline, seed=seed)
         super().__init__()
-        self.level = check_choice(level, ("sample", "modality"), "level")
-        if not 0 < subset <= 1:
-            raise ValueError(f"subset must lie in (0, 1]; got {subset}.")
-        self.warmup, self.alpha, self.subset = int(warmup), float(alpha), float(subset)
-        self.value, self.baseline, self.seed = value, baseline, int(seed)
+        self.level = level
+        self.warmup, self.alpha, self.subset = warmup, float(alpha), float(subset)
+        self.value, self.baseline, self.seed = value, baseline, seed
+
+    def reset(self) -> None:
+        """Forget the pending presence mask and the last counts (a fresh run)."""
+        super().reset()
         self._pending_mask: torch.Tensor | None = None
         self.last_counts: dict[str, int] = {}
 
@@ -117,8 +135,6 @@ class ValuationResampling(Regulator):
         Under DDP each rank values its share of ``indices``; the union is gathered and put back in
         the order of ``indices``.
         """
-        from ..datasets.base import MultimodalDataset, batch_loader
-
         mine = indices[rank()::world_size()]
         if isinstance(dataset, MultimodalDataset):
             loader = batch_loader(dataset.subset(mine), 512)

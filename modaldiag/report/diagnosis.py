@@ -26,6 +26,7 @@ def diagnosis_sections(rep, name: str = "", class_names=None,
     """
     label = f" — {name}" if name else ""
     mods = list(rep.modalities)
+    baseline = getattr(rep, "baseline", None) or rep.config.get("baseline", "zero")
     evidence = Table(["probe", "dominant", "weakest", *mods, "what it measures"],
                      [[e.probe, e.dominant, e.weakest, *[e.scores[m] for m in mods], e.description]
                       for e in rep.evidence])
@@ -46,7 +47,8 @@ def diagnosis_sections(rep, name: str = "", class_names=None,
         else:
             row += ["—"] * 3
         numbers.append(row)
-    per_modality = Table(["modality", "unimodal acc", "true-class prob", "mean Shapley",
+    per_modality = Table(["modality", f"unimodal acc ({baseline} baseline)", "true-class prob",
+                          f"mean Shapley ({baseline} baseline)",
                           "low-contrib. share", "Fisher trace", "purity train", "purity val",
                           "purity gap", "linear probe", "probe joint", "probe alone", "starvation gap"],
                          numbers)
@@ -59,9 +61,12 @@ def diagnosis_sections(rep, name: str = "", class_names=None,
                        for c, rec in sorted(rep.per_class.items())])
     if figures is None:
         figures = [(figure_to_data_uri(fig), caption) for fig, caption in diagnosis_figures(rep).values()]
+    absence = (f"Absence: a missing modality's feature is replaced by its '{baseline}' baseline "
+               "(the same for unimodal accuracy and Shapley).")
     return [
         Section(f"Verdict{label}", verdict=rep.summary, verdict_warn=not rep.agree,
-                paragraphs=([] if rep.agree else ["Disagreements: " + " ".join(rep.disagreements)])),
+                paragraphs=[absence] + ([] if rep.agree else
+                                        ["Disagreements: " + " ".join(rep.disagreements)])),
         Section(f"Evidence{label}", tables=[evidence, per_modality], figures=figures),
         Section(f"Per class{label}", tables=[per_class]),
         Section(f"Configuration{label}", config=rep.config),

@@ -2,6 +2,10 @@
 
 Colours are per modality and consistent across figures (seaborn's colour-blind palette, in the
 order of ``history.modalities``); fused results are drawn in black.
+
+Modality and run names are user strings and are drawn literally: every text of a figure has
+mathtext parsing switched off (``$x^$`` is shown as typed, never parsed), and legends are built
+from explicit handles so a name with a leading underscore (``_aux``) is not dropped.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.text import Text  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
@@ -32,6 +37,18 @@ def _style():
     sns.set_theme(context="paper", style="whitegrid", font_scale=1.1)
 
 
+def _legend(ax, handles, labels, **kwargs):
+    """A legend with exactly these entries (no leading-underscore filtering)."""
+    return ax.legend(list(handles), [str(lb) for lb in labels], **kwargs)
+
+
+def _literal(fig):
+    """Switch mathtext off for every text of ``fig`` (user names are shown exactly as given)."""
+    for text in fig.findobj(Text):
+        text.set_parse_math(False)
+    return fig
+
+
 def unimodal_accuracy(history, split: str = "val"):
     """Fused and per-modality (unimodal-head) accuracy per epoch."""
     _style()
@@ -40,17 +57,18 @@ def unimodal_accuracy(history, split: str = "val"):
     if split not in (history.epochs[0] if history.epochs else {}):
         split = "train"
     colors = modality_colors(history.modalities)
-    ax.plot(epochs, history.series(f"{split}.acc"), color=FUSED_COLOR, lw=2.2, label="fused")
+    handles = ax.plot(epochs, history.series(f"{split}.acc"), color=FUSED_COLOR, lw=2.2)
     for m in history.modalities:
         series = history.series(f"{split}.unimodal_acc.{m}")
-        ax.plot(epochs, series, color=colors[m], lw=1.8, label=m)
+        handles += ax.plot(epochs, series, color=colors[m], lw=1.8)
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(f"{split} accuracy")
     ax.set_ylim(0, 1.02)
     ax.set_title("Fused vs unimodal accuracy (absent modalities at baseline)")
-    ax.legend(frameon=False, ncol=min(4, len(history.modalities) + 1))
-    return fig
+    _legend(ax, handles, ["fused", *history.modalities], frameon=False,
+            ncol=min(4, len(history.modalities) + 1))
+    return _literal(fig)
 
 
 def learning_window(history, *, rule: str = "paper", K: float | None = None):
@@ -80,7 +98,7 @@ def learning_window(history, *, rule: str = "paper", K: float | None = None):
         for t, is_open in enumerate(win.open[m]):
             if is_open:
                 ax.axvspan(t - 0.5, t + 0.5, color=colors[m], alpha=0.12, lw=0)
-        ax.plot(epochs, tr, color=colors[m], lw=2, marker="o", ms=3, label=f"Tr F ({m})")
+        ax.plot(epochs, tr, color=colors[m], lw=2, marker="o", ms=3)
         peak = win.peak_growth_epoch[m]
         if peak is not None:
             ax.axvline(peak, color=colors[m], ls=":", lw=1)
@@ -93,7 +111,7 @@ def learning_window(history, *, rule: str = "paper", K: float | None = None):
     axes[-1, 0].set_xlabel("epoch (shaded: prime learning window open; dotted: peak growth)")
     axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0, 0].set_title(f"Prime learning window (rule '{win.rule}', K = {win.K:g})")
-    return fig
+    return _literal(fig)
 
 
 def shapley(sv):
@@ -113,16 +131,18 @@ def shapley(sv):
         body.set_alpha(0.6)
     ax1.set_xticks(np.arange(1, len(mods) + 1), mods)
     fair = float(sv.full_value.mean()) / len(mods)
-    ax1.axhline(fair, color=FUSED_COLOR, ls="--", lw=1, label=f"fair share {fair:.2f}")
+    fair_line = ax1.axhline(fair, color=FUSED_COLOR, ls="--", lw=1)
     ax1.set_ylabel(f"Shapley value ({sv.value})")
     ax1.set_title("Sample-level contribution")
-    ax1.legend(frameon=False, loc="best")
+    _legend(ax1, [fair_line], [f"fair share {fair:.2f}"], frameon=False, loc="best")
     low = sv.low_contribution_share()
-    ax2.bar(mods, [low[m] for m in mods], color=[colors[m] for m in mods])
+    x = np.arange(len(mods))
+    ax2.bar(x, [low[m] for m in mods], color=[colors[m] for m in mods])
+    ax2.set_xticks(x, mods)
     ax2.set_ylim(0, 1)
     ax2.set_ylabel("share of samples")
     ax2.set_title("Low-contributing")
-    return fig
+    return _literal(fig)
 
 
 def separability(sep):
@@ -135,13 +155,15 @@ def separability(sep):
     x = np.arange(len(mods))
     fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(mods) + 2), 3.4), constrained_layout=True)
     w = 0.26
-    ax.bar(x - w, [sep[m].train_purity for m in mods], w, color=[colors[m] for m in mods],
-           label="train purity")
-    ax.bar(x, [sep[m].val_purity for m in mods], w, color=[colors[m] for m in mods], alpha=0.55,
-           hatch="//", label="val purity")
+    handles = [ax.bar(x - w, [sep[m].train_purity for m in mods], w,
+                      color=[colors[m] for m in mods]),
+               ax.bar(x, [sep[m].val_purity for m in mods], w, color=[colors[m] for m in mods],
+                      alpha=0.55, hatch="//")]
+    labels = ["train purity", "val purity"]
     probe = [sep[m].linear_probe for m in mods]
     if all(p is not None for p in probe):
-        ax.bar(x + w, probe, w, color="0.75", label="linear probe (val)")
+        handles.append(ax.bar(x + w, probe, w, color="0.75"))
+        labels.append("linear probe (val)")
     for i, m in enumerate(mods):
         ax.text(i - w / 2, max(sep[m].train_purity, sep[m].val_purity) + 0.03,
                 f"gap {sep[m].gap:.2f}", ha="center", fontsize=8)
@@ -149,8 +171,8 @@ def separability(sep):
     ax.set_ylim(0, 1.15)
     ax.set_ylabel("score")
     ax.set_title("Representation separability")
-    ax.legend(frameon=False, fontsize=8, ncol=3, loc="upper center")
-    return fig
+    _legend(ax, handles, labels, frameon=False, fontsize=8, ncol=3, loc="upper center")
+    return _literal(fig)
 
 
 def unimodal_bars(diagnosis):
@@ -160,14 +182,15 @@ def unimodal_bars(diagnosis):
     colors = modality_colors(mods)
     acc = {m: diagnosis.unimodal.unimodal[m].accuracy for m in mods}
     fig, ax = plt.subplots(figsize=(max(3.5, 1.1 * len(mods) + 2), 3.2), constrained_layout=True)
-    ax.bar(mods, [acc[m] for m in mods], color=[colors[m] for m in mods])
-    ax.axhline(diagnosis.fused_accuracy, color=FUSED_COLOR, ls="--", lw=1.2,
-               label=f"fused {diagnosis.fused_accuracy:.3f}")
+    x = list(range(len(mods)))
+    ax.bar(x, [acc[m] for m in mods], color=[colors[m] for m in mods])
+    ax.set_xticks(x, mods)
+    fused = ax.axhline(diagnosis.fused_accuracy, color=FUSED_COLOR, ls="--", lw=1.2)
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("accuracy")
     ax.set_title("Unimodal accuracy through the joint head")
-    ax.legend(frameon=False)
-    return fig
+    _legend(ax, [fused], [f"fused {diagnosis.fused_accuracy:.3f}"], frameon=False)
+    return _literal(fig)
 
 
 def compare(histories, *, split: str = "val"):
@@ -188,22 +211,24 @@ def compare(histories, *, split: str = "val"):
     panels = ["fused", *mods]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), sharey=True,
                              constrained_layout=True, squeeze=False)
+    run_handles = []
     for i, (name, h) in enumerate(histories.items()):
         sp = split if h.epochs and split in h.epochs[0] else "train"
         epochs = h.series("epoch")
         ls = styles[i % len(styles)]
-        axes[0, 0].plot(epochs, h.series(f"{sp}.acc"), color=FUSED_COLOR, ls=ls, lw=1.8, label=name)
+        run_handles += axes[0, 0].plot(epochs, h.series(f"{sp}.acc"), color=FUSED_COLOR, ls=ls,
+                                       lw=1.8)
         for j, m in enumerate(mods, start=1):
             axes[0, j].plot(epochs, h.series(f"{sp}.unimodal_acc.{m}"), color=colors[m], ls=ls,
-                            lw=1.8, label=name)
+                            lw=1.8)
     for ax, title in zip(axes[0], panels, strict=True):
         ax.set_title(title if title == "fused" else f"{title} (unimodal)")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(0, 1.02)
     axes[0, 0].set_ylabel(f"{split} accuracy")
-    axes[0, 0].legend(frameon=False, fontsize=8)
-    return fig
+    _legend(axes[0, 0], run_handles, list(histories), frameon=False, fontsize=8)
+    return _literal(fig)
 
 
 def save_figure(fig, path_stem: str | Path, formats: Sequence[str] = ("png", "svg")) -> list[Path]:

@@ -4,5 +4,7 @@ from .callbacks import Callback, StepContext
 from .fit import default_optimizer, fit
 from .history import History
 from .loop import Regulation
+from .monitor import FisherMonitor
 
-__all__ = ["fit", "History", "Callback", "StepContext", "Regulation", "default_optimizer"]
+__all__ = ["fit", "History", "Callback", "StepContext", "Regulation", "default_optimizer",
+           "FisherMonitor"]

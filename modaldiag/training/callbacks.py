@@ -14,16 +14,20 @@ A step, in order::
       optimizer.step()
       on_train_batch_end(ctx)
     on_train_epoch_end(ctx)                      # e.g. Re-learning re-initialises encoders
+
+A run begins with ``on_fit_start``: a callback that keeps run state (a regulator) forgets the
+previous run's state there unless that state was just restored with ``load_state_dict`` (resume).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-__all__ = ["Callback", "StepContext"]
+__all__ = ["Callback", "StepContext", "check_composition"]
 
 
 @dataclass
@@ -74,6 +78,10 @@ class Callback:
 
     #: set True when the callback needs unimodal logits at every step
     needs_unimodal_logits: bool = False
+    #: class names of callbacks this one cannot be combined with (checked by ``check_composition``)
+    conflicts: tuple[str, ...] = ()
+    #: True when two instances of the class in one run would fight over the same state
+    single_instance: bool = False
 
     def on_fit_start(self, ctx: StepContext) -> None: ...
 
@@ -116,3 +124,28 @@ class Callback:
     @property
     def name(self) -> str:
         return type(self).__name__
+
+
+def check_composition(callbacks: Sequence[Callback]) -> None:
+    """Refuse combinations of callbacks that cannot work together, with a clear message.
+
+    Refused: two instances of a ``single_instance`` class (every regulator), a callback together
+    with one named in its ``conflicts``, more than one callback that runs its own backward pass,
+    and more than one callback that replaces the training loader.
+    """
+    names = [cb.name for cb in callbacks]
+    for cb in callbacks:
+        if cb.single_instance and names.count(cb.name) > 1:
+            raise ValueError(f"two {cb.name} regulators given; use one (each keeps run state).")
+    for cb in callbacks:
+        clash = [n for n in names if n in cb.conflicts]
+        if clash:
+            raise ValueError(
+                f"{cb.name} cannot be combined with {clash}: both rewrite the encoders' "
+                "gradients by different rules. Use one of them.")
+    owners = [cb.name for cb in callbacks if type(cb).backward is not Callback.backward]
+    if len(owners) > 1:
+        raise ValueError(f"{owners} each run their own backward pass; they cannot be combined.")
+    loaders = [cb.name for cb in callbacks if type(cb).train_loader is not Callback.train_loader]
+    if len(loaders) > 1:
+        raise ValueError(f"{loaders} each replace the training loader; use only one of them.")

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import copy
+import math
+import numbers
+import os
 import time
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -14,16 +18,77 @@ from tqdm.auto import tqdm
 
 from ..datasets.base import MultimodalDataset, batch_loader, loader_dataset
 from ..models.contract import MultimodalModel
+from ..probes.unimodal import evaluate
 from ..utils.distributed import barrier, is_distributed, is_main_process
 from ..utils.distributed import rank as dist_rank
 from ..utils.io import atomic_torch_save, safe_torch_load
 from ..utils.torch_utils import resolve_device, rng_state, seed_everything, set_rng_state, unwrap
-from ..utils.validation import check_choice, check_positive_int
+from ..utils.validation import (
+    BOOL,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    InstanceOf,
+    Options,
+    Satisfies,
+    unpack_batch,
+    validate_params,
+)
 from .callbacks import Callback
 from .history import History
 from .loop import Regulation
 
 __all__ = ["fit", "default_optimizer"]
+
+#: the version of the ``"fit"`` record inside ``last.pt`` (what the run was configured with)
+CHECKPOINT_VERSION = 2
+#: torch's message when a BatchNorm layer in training mode sees one value per channel
+_BATCHNORM_ONE_VALUE = "Expected more than 1 value per channel when training"
+
+
+class _Iterable(InstanceOf):
+    """An iterable of batches or a Dataset; a string, bytes or a dict is refused."""
+
+    def accepts(self, value) -> bool:
+        return isinstance(value, (Iterable, Dataset)) and not isinstance(value, (str, bytes, Mapping))
+
+
+def _is_seed(value) -> bool:
+    return (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            and 0 <= int(value) < 2**63)
+
+
+def _is_device(value) -> bool:
+    return not isinstance(value, bool) and torch.device(value) is not None
+
+
+_LOADER = _Iterable(what="a DataLoader (any iterable of (inputs, labels) batches) or a Dataset")
+
+_parameter_constraints = {
+    "train_loader": [_LOADER],
+    "val_loader": [_LOADER, None],
+    "epochs": [POSITIVE_INT],
+    "optimizer": [InstanceOf(torch.optim.Optimizer, what="a torch.optim.Optimizer"), None],
+    "regulator": [InstanceOf(Callback, what="a modaldiag regulator (md.InfoReg(), md.OGM(), ...)"),
+                  InstanceOf(list, tuple, what="a list of regulators"), None],
+    "monitor": [BOOL],
+    "seed": [Satisfies(_is_seed, "an integer in [0, 2**63 - 1]"), None],
+    "lr": [POSITIVE],
+    "weight_decay": [NON_NEGATIVE],
+    "scheduler": [Satisfies(lambda s: hasattr(s, "step") or callable(s),
+                            "an LR scheduler or a callable(optimizer) -> scheduler"), None],
+    "unimodal_loss_weight": [NON_NEGATIVE],
+    "callbacks": [InstanceOf(list, tuple, what="a list of md.Callback objects")],
+    "device": [Satisfies(_is_device, "a device such as 'cpu', 'cuda' or 'cuda:1'"), None],
+    "checkpoint_dir": [InstanceOf(str, os.PathLike, what="a folder path (str or pathlib.Path)"), None],
+    "resume": [BOOL],
+    "restore_best": [BOOL],
+    "on_nonfinite": [Options("raise", "skip")],
+    "max_grad_norm": [POSITIVE, None],
+    "progress": [BOOL],
+    "batch_size": [POSITIVE_INT],
+    "amp": [BOOL],
+}
 
 
 def default_optimizer(model: torch.nn.Module, lr: float = 0.01, momentum: float = 0.9,
@@ -52,6 +117,299 @@ def _label_classes(loader) -> set[int] | None:
     return None
 
 
+def _checkpoint_folder(checkpoint_dir) -> Path | None:
+    """The checkpoint folder as a Path; refuse a path that exists and is not a folder."""
+    if checkpoint_dir is None:
+        return None
+    path = Path(checkpoint_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"fit: checkpoint_dir {str(path)!r} exists and is not a folder; pass a "
+                         "folder path (it is created when missing).")
+    return path
+
+
+def _check_optimizer_covers(net: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Refuse a model with nothing to train, or an optimizer that holds none of its trainable
+    parameters (``None``: the default optimizer, built over the model)."""
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("fit: the model has no trainable parameters (requires_grad is False "
+                         "everywhere), so training would change nothing; unfreeze what should learn.")
+    if optimizer is None:
+        return
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    covered = sum(id(p) in held for p in trainable)
+    if covered == 0:
+        raise ValueError(
+            f"fit: the optimizer holds {len(held)} parameter tensors, none of which is a trainable "
+            f"parameter of the model: it covers 0 of the model's {len(trainable)} trainable "
+            "parameter tensors, so training would change nothing. Build it from this model, e.g. "
+            "torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), or pass optimizer=None "
+            "for that default.")
+
+
+# ---------------------------------------------------------------- non-finite weights
+def _watched(net: nn.Module, optimizer: torch.optim.Optimizer) -> list[tuple[str, str, torch.Tensor]]:
+    """``(kind, name, tensor)`` of every floating tensor training changes: the model's
+    parameters and buffers (BatchNorm running statistics) and parameters only the optimizer holds."""
+    out, seen = [], set()
+    for name, p in net.named_parameters():
+        seen.add(id(p))
+        out.append(("parameter", name, p))
+    for name, b in net.named_buffers():
+        if b.is_floating_point() or b.is_complex():
+            seen.add(id(b))
+            out.append(("buffer", name, b))
+    for g, group in enumerate(optimizer.param_groups):
+        for i, p in enumerate(group["params"]):
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(("parameter", f"optimizer.param_groups[{g}]['params'][{i}]", p))
+    return out
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """One fused max-abs reduction per device (``torch._foreach_norm``), one sync per device."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.numel():
+            by_device.setdefault(t.device, []).append(t.detach())
+    for group in by_device.values():
+        try:
+            norms = torch._foreach_norm(group, float("inf"))
+            ok = bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+        except (RuntimeError, TypeError, AttributeError):  # an exotic tensor: check one by one
+            ok = all(bool(torch.isfinite(t).all()) for t in group)
+        if not ok:
+            return False
+    return True
+
+
+def _owner(net: nn.Module, tensor: torch.Tensor) -> str:
+    for m in net.modalities:
+        enc = net.encoders[m]
+        if any(t is tensor for t in enc.parameters()) or any(t is tensor for t in enc.buffers()):
+            return f"the encoder of modality {m!r}"
+    if any(t is tensor for t in net.parameters()) or any(t is tensor for t in net.buffers()):
+        return "the fusion head (outside every encoder)"
+    return "no module of the model (it is only in the optimizer)"
+
+
+def _nonfinite_weights(net: nn.Module, optimizer: torch.optim.Optimizer) -> str | None:
+    """None when every watched tensor is finite, else a description of the first bad one."""
+    watched = _watched(net, optimizer)
+    if _all_finite([t for _, _, t in watched]):
+        return None
+    bad = [(kind, name, t) for kind, name, t in watched
+           if t.numel() and not bool(torch.isfinite(t.detach()).all())]
+    kind, name, t = bad[0]
+    n_nan = int(torch.isnan(t.detach()).sum())
+    n_inf = int(torch.isinf(t.detach()).sum())
+    more = f" ({len(bad) - 1} more tensors are non-finite too)" if len(bad) > 1 else ""
+    return (f"{kind} {name!r} of {_owner(net, t)} holds {n_nan} NaN and {n_inf} inf of its "
+            f"{t.numel()} values{more}")
+
+
+def _nonfinite_error(what: str, *, when: str, optimizer: torch.optim.Optimizer,
+                     ckpt: Path | None, last_good: int | None) -> ValueError:
+    lr = float(optimizer.param_groups[0].get("lr", math.nan))
+    if "buffer" in what.split(" ", 1)[0]:
+        advice = ("Running statistics overflow when inputs or activations are huge: normalise the "
+                  "inputs, lower the learning rate or clip gradients (max_grad_norm=1.0).")
+    else:
+        lower = f"e.g. lr={lr / 10:g}" if math.isfinite(lr) and lr > 0 else "e.g. lr=0.01"
+        advice = (f"The learning rate (lr={lr:g}) is too large or the gradients exploded: retry "
+                  f"with a lower learning rate ({lower}) and/or clip gradients with "
+                  "max_grad_norm=1.0.")
+    if ckpt is None:
+        saved = "Nothing was saved."
+    elif last_good is None:
+        saved = f"Nothing was saved in {str(ckpt)!r}."
+    else:
+        saved = (f"Nothing was saved for this epoch: {str(ckpt / 'last.pt')!r} still holds the "
+                 f"last good epoch ({last_good}); resume from it with resume=True and a lower lr.")
+    verb = "are" if when.startswith("before") else "became"
+    return ValueError(f"fit: the model's weights {verb} non-finite (NaN or inf) {when}: {what}. "
+                      f"{advice} {saved}")
+
+
+def _finite_inputs(inputs: Mapping) -> bool:
+    return all(bool(torch.isfinite(x).all()) for x in inputs.values()
+               if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex()))
+
+
+def _overflow_error(epoch: int, batches: list[int], *, optimizer, ckpt: Path | None,
+                    last_good: int | None) -> ValueError:
+    lr = float(optimizer.param_groups[0].get("lr", math.nan))
+    saved = ("" if ckpt is None or last_good is None else
+             f" Nothing was saved for this epoch: {str(ckpt / 'last.pt')!r} still holds the last "
+             f"good epoch ({last_good}).")
+    return ValueError(
+        f"fit: the model diverged in epoch {epoch}: after its last optimizer step, the loss of "
+        f"every remaining batch ({len(batches)}: {batches[:5]}{'...' if len(batches) > 5 else ''}) "
+        "was non-finite although their inputs are finite, so its weights overflow on real data "
+        f"(on_nonfinite='skip' only skips bad batches). Lower the learning rate (lr={lr:g}) and/or "
+        f"clip gradients with max_grad_norm=1.0.{saved}")
+
+
+def _raise_if_nonfinite(net, optimizer, *, when, ckpt, last_good) -> None:
+    what = _nonfinite_weights(net, optimizer)
+    if what is not None:
+        raise _nonfinite_error(what, when=when, optimizer=optimizer, ckpt=ckpt, last_good=last_good)
+
+
+# ---------------------------------------------------------------- a last batch of one sample
+def _batchnorms_at_risk(net: nn.Module, inputs) -> list[tuple[str, nn.Module]]:
+    """The BatchNorm layers in training mode when the batch holds one sample, else []."""
+    size = next((x.shape[0] for x in inputs.values() if isinstance(x, torch.Tensor) and x.dim()),
+                None) if isinstance(inputs, Mapping) else None
+    if size != 1:
+        return []
+    return [(name, mod) for name, mod in net.named_modules()
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training]
+
+
+class _BatchOfOne:
+    """Around one batch of one sample: remember which BatchNorm ran last and its buffers, so a
+    batch torch refuses ("more than 1 value per channel") is skipped without a trace."""
+
+    def __init__(self, layers: list[tuple[str, nn.Module]]):
+        self.layers = layers
+        self.entered: list[str] = []
+        self.saved = [{k: b.clone() for k, b in mod._buffers.items() if b is not None}
+                      for _, mod in layers]
+        self.hooks = [mod.register_forward_pre_hook(
+            lambda _mod, _args, name=name: self.entered.append(name)) for name, mod in layers]
+
+    def refused(self, exc: Exception) -> bool:
+        return _BATCHNORM_ONE_VALUE in str(exc)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for (_, mod), saved in zip(self.layers, self.saved):
+                for k, b in saved.items():
+                    mod._buffers[k].copy_(b)
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+# ---------------------------------------------------------------- resuming
+def _callback_keys(run: Regulation) -> list[str]:
+    return [f"{i}:{cb.name}" for i, cb in enumerate(run.callbacks)]
+
+
+def _regulator_configs(run: Regulation) -> list[str]:
+    return [repr(cb) for cb in run.callbacks if hasattr(cb, "config")]
+
+
+def _fit_record(run: Regulation, optimizer, scheduler, requested_lrs: list[float]) -> dict:
+    """What the run was configured with, stored in ``last.pt`` and checked on resume."""
+    return {"version": CHECKPOINT_VERSION, "optimizer": type(optimizer).__name__,
+            "scheduler": type(scheduler).__name__ if scheduler is not None else None,
+            "regulators": _regulator_configs(run), "callbacks": _callback_keys(run),
+            "lrs": requested_lrs}
+
+
+def _shape(x) -> tuple:
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else ()
+
+
+def _check_model_matches(saved: Mapping, net: nn.Module, where: str) -> None:
+    current = net.state_dict()
+    extra = [k for k in saved if k not in current]
+    missing = [k for k in current if k not in saved]
+    shapes = [k for k in saved if k in current and _shape(saved[k]) != _shape(current[k])]
+    problem = None
+    if missing:
+        problem = f"this model's {missing[0]!r} is not in it ({len(missing)} keys missing)"
+    elif extra:
+        problem = f"it holds {extra[0]!r}, which this model does not have ({len(extra)} such keys)"
+    elif shapes:
+        key = shapes[0]
+        problem = (f"{key!r} has shape {_shape(saved[key])} in the checkpoint but "
+                   f"{_shape(current[key])} in this model")
+    if problem:
+        raise ValueError(
+            f"fit: the checkpoint in {where} was written for another model: {problem}. Resume "
+            "with the model it was trained with, or start over: resume=False (it overwrites the "
+            "checkpoint) or another checkpoint_dir.")
+
+
+def _check_optimizer_matches(saved: Mapping, recorded: str | None, optimizer, names: dict,
+                             where: str) -> None:
+    start_over = ("Resume with the optimizer it was trained with, or start over: resume=False (it "
+                  "overwrites the checkpoint) or another checkpoint_dir.")
+    kind = type(optimizer).__name__
+    if recorded is not None and recorded != kind:
+        raise ValueError(f"fit: the checkpoint in {where} was written for another optimizer: "
+                         f"{recorded}, but this call uses {kind}. {start_over}")
+    groups = saved.get("param_groups", [])
+    sizes = [len(g["params"]) for g in groups]
+    mine = [len(g["params"]) for g in optimizer.param_groups]
+    if sizes != mine:
+        raise ValueError(
+            f"fit: the checkpoint in {where} was written for another optimizer: its parameter "
+            f"groups hold {sizes} tensors, this optimizer's hold {mine}. {start_over}")
+    state = saved.get("state", {})
+    for group, mine_group in zip(groups, optimizer.param_groups):
+        for index, p in zip(group["params"], mine_group["params"]):
+            for key, value in state.get(index, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
+                    raise ValueError(
+                        f"fit: the checkpoint in {where} was written for another optimizer (or "
+                        f"parameter order): its {key!r} for parameter "
+                        f"{names.get(id(p), f'#{index}')!r} has shape {tuple(value.shape)}, the "
+                        f"parameter has {tuple(p.shape)}. {start_over}")
+
+
+def _check_run_matches(fit_record: Mapping | None, saved_keys: list[str], run: Regulation,
+                       scheduler, where: str) -> None:
+    start_over = ("or start over: resume=False (it overwrites the checkpoint) or another "
+                  "checkpoint_dir.")
+    if fit_record is not None:
+        saved_regs, mine = list(fit_record.get("regulators", [])), _regulator_configs(run)
+        if saved_regs != mine:
+            raise ValueError(
+                f"fit: the checkpoint in {where} was written by a run regulated by "
+                f"{saved_regs or 'no regulator'}, but this call passes {mine or 'no regulator'}; "
+                "resuming would continue under another regulation while the History names the "
+                f"first. Pass the same regulator (same configuration) to resume, {start_over}")
+    if saved_keys != _callback_keys(run):
+        raise ValueError(
+            f"fit: the checkpoint in {where} was written with the callbacks {saved_keys}, but this "
+            f"call has {_callback_keys(run)} (regulator=, monitor= and callbacks= decide them). "
+            f"Pass the same ones to resume, {start_over}")
+    if fit_record is not None:
+        saved_sched = fit_record.get("scheduler")
+        mine_sched = type(scheduler).__name__ if scheduler is not None else None
+        if saved_sched != mine_sched:
+            raise ValueError(
+                f"fit: the checkpoint in {where} was written with scheduler {saved_sched}, but "
+                f"this call has {mine_sched}. Pass the same scheduler to resume, {start_over}")
+
+
+def _rescale_lrs(optimizer, scheduler, requested: list[float], saved: list[float] | None) -> None:
+    """Resuming with another learning rate: the loaded schedule continues, scaled to it."""
+    if not saved or len(saved) != len(requested) or saved == requested:
+        return
+    for i, (group, new, old) in enumerate(zip(optimizer.param_groups, requested, saved)):
+        if new == old:
+            continue
+        ratio = new / old if math.isfinite(old) and old > 0 else None
+        group["lr"] = group["lr"] * ratio if ratio is not None and math.isfinite(group["lr"]) else new
+        if "initial_lr" in group:
+            group["initial_lr"] = new
+        for attr in ("base_lrs", "_last_lr"):
+            values = getattr(scheduler, attr, None)
+            if isinstance(values, list) and i < len(values):
+                values[i] = values[i] * ratio if ratio is not None and math.isfinite(values[i]) else new
+    warnings.warn(f"fit: resuming with lr={requested} where the checkpoint was trained with "
+                  f"lr={saved}; the learning-rate schedule continues at the new scale.", stacklevel=3)
+
+
+# ---------------------------------------------------------------- fit
 def fit(
     model: MultimodalModel,
     train_loader: Iterable,
@@ -84,35 +442,73 @@ def fit(
     model : MultimodalModel
         A :class:`~modaldiag.MultimodalClassifier` or a :func:`~modaldiag.wrap`-ped model.
     train_loader, val_loader : iterables of ``(inputs: dict[str, Tensor], labels: LongTensor)``
-        ``val_loader`` (optional) is used for per-epoch records and model selection. Never pass
-        the test set here.
-    epochs : int, default 30
+        ``inputs[m]`` has shape ``(B, ...)`` for every modality ``m``; ``labels`` has shape
+        ``(B,)``. A Dataset is batched with ``batch_size``. A loader yielding tuples such as
+        ``(audio, video, label)`` is refused with the one-line adapter to use
+        (``md.datasets.adapt_loader``). ``val_loader`` (optional) is used for per-epoch records
+        and model selection. Never pass the test set here.
+    epochs : int >= 1, default 30
     optimizer : torch.optim.Optimizer, optional
-        Default: SGD(lr=``lr``, momentum=0.9, weight_decay=``weight_decay``).
+        Default: SGD(lr=``lr``, momentum=0.9, weight_decay=``weight_decay``). It must hold the
+        model's parameters (an optimizer over another model's parameters is refused).
     regulator : Callback or list of Callbacks, optional
         An intervention (``md.InfoReg()``, ``md.OGM()``...). ``None``: plain joint training.
     monitor : bool, default True
         Record the online Fisher trace per modality and epoch (``record["fisher"]``).
-    seed : int or None, default 0
+    seed : int in [0, 2**63 - 1] or None, default 0
         Seeds python, numpy and torch before the model is touched (``None``: leave RNGs alone).
+    lr : float > 0 (finite), default 0.01
+        Learning rate of the default optimizer (ignored, with a warning, when ``optimizer`` is
+        given).
+    weight_decay : float >= 0, default 1e-4
+        Weight decay of the default optimizer.
     scheduler : LR scheduler or callable(optimizer) -> scheduler, optional
         Stepped once per epoch.
-    unimodal_loss_weight : float, default 0
+    unimodal_loss_weight : float >= 0 (finite), default 0
         Adds ``w * CE(head(present=(m,)), y)`` per modality (auxiliary unimodal losses).
+    callbacks : list of Callback, default ()
+        Extra callbacks (loggers, monitors) run after the regulators.
+    device : str or torch.device, optional
+        Default: the model's device (CUDA when available for a CPU model).
     checkpoint_dir : path, optional
-        Writes ``last.pt`` (model, optimizer, scheduler, callbacks, RNG, history) and ``best.pt``
-        atomically after every epoch, and ``history.json``.
+        Writes ``last.pt`` (model, optimizer, scheduler, callbacks, RNG, history and the run's
+        configuration: optimizer and scheduler classes, regulators, learning rates) and
+        ``best.pt`` atomically after every epoch, and ``history.json``.
     resume : bool, default False
-        Continue from ``checkpoint_dir/last.pt`` when it exists.
+        Continue from ``checkpoint_dir/last.pt`` when it exists. A checkpoint written for another
+        model, optimizer, scheduler or regulator (or callbacks) is refused with a ValueError
+        naming the first difference. A different ``lr`` is allowed: the saved schedule continues,
+        scaled to the new learning rate (with a warning).
     restore_best : bool, default True
         With a ``val_loader``, load the weights of the best validation epoch at the end.
     on_nonfinite : {"raise", "skip"}, default "raise"
-        What to do with a batch whose loss is NaN/inf.
-    batch_size : int, default 64
+        What to do with a batch whose loss is NaN/inf. Non-finite *weights* (parameters or
+        BatchNorm running statistics) always raise, whatever this says.
+    max_grad_norm : float > 0 or None, default None
+        Clip the gradient norm of the model's parameters before each step.
+    progress : bool, default True
+        Show a tqdm bar over epochs.
+    batch_size : int >= 1, default 64
         Used when a Dataset (not a loader) is given.
     amp : bool, default False
         Mixed precision: autocast float16 with a GradScaler on CUDA (regulators see unscaled
         gradients), autocast bfloat16 on CPU.
+
+    Failing loudly
+    --------------
+    The weights (every parameter, every floating buffer such as BatchNorm running statistics,
+    and parameters only the optimizer holds) are checked for NaN/inf with one fused reduction
+    before training, at every epoch's end (before validation and checkpointing) and whenever a
+    batch's loss is non-finite. Non-finite weights raise a ValueError naming the epoch, the
+    first bad tensor and whether it belongs to a modality's encoder or to the head; nothing is
+    checkpointed for that epoch (``last.pt`` keeps the last good epoch, ``best.pt`` never holds
+    non-finite weights).
+
+    A training batch of ONE sample that a BatchNorm layer in training mode cannot normalise
+    (torch: "Expected more than 1 value per channel when training"; typically a loader's last
+    batch) is skipped with a warning, its BatchNorm statistics untouched, and counted in the
+    epoch's ``record["train"]["skipped_batch_of_one"]``. When every batch of an epoch is such a
+    batch, a ValueError asks for a batch size of at least 2. Use ``drop_last=True`` to avoid it.
 
     Distributed training: when a ``torch.distributed`` process group is initialised (e.g. under
     ``torchrun``), the model is wrapped in ``DistributedDataParallel`` (or used as given if it
@@ -123,8 +519,17 @@ def fit(
     Returns
     -------
     History
-        Per-epoch records: ``train`` (loss, acc), ``val`` (loss, acc, unimodal_acc/prob/ce per
-        modality), ``fisher`` (when monitored), regulator logs, ``lr`` and ``time_s``.
+        Per-epoch records: ``train`` (loss, acc, n, skipped, skipped_batch_of_one), ``val`` (loss,
+        acc, unimodal_acc/prob/ce per modality), ``fisher`` (when monitored), regulator logs,
+        ``lr`` and ``time_s``.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not a modaldiag model, or an argument has the wrong type.
+    ValueError
+        An argument outside its range (the message names it), bad batches, non-finite weights,
+        an optimizer over another model, or a checkpoint that does not match this run.
     """
     net = unwrap(model)
     if not isinstance(net, MultimodalModel):
@@ -132,12 +537,24 @@ def fit(
             f"fit() needs a modaldiag model (md.MultimodalClassifier or md.wrap(...)); got "
             f"{type(net).__name__}. Wrap your model: md.wrap(model, encoders=..., head=...)."
         )
-    check_positive_int(epochs, "epochs")
-    check_choice(on_nonfinite, ("raise", "skip"), "on_nonfinite")
+    validate_params(_parameter_constraints, {
+        "train_loader": train_loader, "val_loader": val_loader, "epochs": epochs,
+        "optimizer": optimizer, "regulator": regulator, "monitor": monitor, "seed": seed,
+        "lr": lr, "weight_decay": weight_decay, "scheduler": scheduler,
+        "unimodal_loss_weight": unimodal_loss_weight, "callbacks": callbacks, "device": device,
+        "checkpoint_dir": checkpoint_dir, "resume": resume, "restore_best": restore_best,
+        "on_nonfinite": on_nonfinite, "max_grad_norm": max_grad_norm, "progress": progress,
+        "batch_size": batch_size, "amp": amp,
+    }, "fit")
     if net.num_classes is None:
         raise ValueError("the model's num_classes is unknown; pass num_classes to md.wrap(...).")
     if resume and checkpoint_dir is None:
-        raise ValueError("resume=True needs checkpoint_dir.")
+        raise ValueError("fit: resume=True needs checkpoint_dir (the folder holding last.pt).")
+    ckpt = _checkpoint_folder(checkpoint_dir)
+    _check_optimizer_covers(net, optimizer)
+    if optimizer is not None and (lr != 0.01 or weight_decay != 1e-4):
+        warnings.warn("fit: lr and weight_decay configure the default optimizer only; they are "
+                      "ignored because an optimizer was given.", stacklevel=2)
     if seed is not None:
         seed_everything(seed + dist_rank())  # per rank: dropout etc. differ, DDP syncs weights
     dev = resolve_device(device, net)
@@ -152,12 +569,14 @@ def fit(
         optimizer = default_optimizer(net, lr=lr, weight_decay=weight_decay)
     if callable(scheduler) and not hasattr(scheduler, "step"):
         scheduler = scheduler(optimizer)
+        if not hasattr(scheduler, "step"):
+            raise TypeError(f"fit: scheduler(optimizer) must return an LR scheduler (with .step()); "
+                            f"it returned {type(scheduler).__name__}.")
+    requested_lrs = [float(g["lr"]) for g in optimizer.param_groups]
     classes = _label_classes(train_loader)
     if classes is not None and len(classes) < 2:
         raise ValueError(f"the training data hold a single class {sorted(classes)}; a classifier "
                          "needs at least two.")
-
-    from ..probes.unimodal import evaluate
 
     scaler = torch.amp.GradScaler("cuda") if amp and dev.type == "cuda" else None
     run = Regulation(model, optimizer, regulator, monitor=monitor, callbacks=callbacks,
@@ -173,15 +592,25 @@ def fit(
     })
     ctx = run.ctx
     ctx.history = history
-    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     start_epoch, best_score, best_state = 0, -float("inf"), None
     barrier()
     if resume and ckpt is not None and (ckpt / "last.pt").exists():
+        where = repr(str(ckpt))
         state = safe_torch_load(ckpt / "last.pt", map_location=dev)
+        if not isinstance(state, dict) or not {"model", "optimizer", "regulation"} <= set(state):
+            raise ValueError(f"fit: {str(ckpt / 'last.pt')!r} is not a checkpoint written by "
+                             "md.fit; start over with resume=False or another checkpoint_dir.")
+        saved_fit = state.get("fit")
+        _check_model_matches(state["model"], net, where)
+        _check_optimizer_matches(state["optimizer"], saved_fit.get("optimizer") if saved_fit else None,
+                                 optimizer, {id(p): n for n, p in net.named_parameters()}, where)
+        _check_run_matches(saved_fit, list(state["regulation"].get("callbacks", {})), run,
+                           scheduler, where)
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
+        _rescale_lrs(optimizer, scheduler, requested_lrs, saved_fit.get("lrs") if saved_fit else None)
         if scaler is not None and state.get("scaler") is not None:
             scaler.load_state_dict(state["scaler"])
         run.load_state_dict(state["regulation"])
@@ -192,6 +621,9 @@ def fit(
         if (ckpt / "best.pt").exists():
             best_state = safe_torch_load(ckpt / "best.pt", map_location=dev)
         set_rng_state(state["rng"])
+    last_good = start_epoch - 1 if start_epoch > 0 else None
+    _raise_if_nonfinite(net, optimizer, when=f"before training (epoch {start_epoch})", ckpt=None,
+                        last_good=None)
 
     run.start(train_loader, val_loader, epochs)
     bar = tqdm(total=epochs, initial=start_epoch, desc="fit", unit="epoch",
@@ -203,10 +635,43 @@ def fit(
             train_sampler.set_epoch(epoch)
         loader = run.epoch_start(epoch, train_loader)
         model.train()
-        for inputs, labels in loader:
+        batches_of_one, refused_layer = 0, None
+        overflowed: list[int] = []  # skipped batches with finite inputs since the last step
+        for index, batch in enumerate(loader):
+            inputs, labels = unpack_batch(batch, net.modalities, batch_index=index)
             optimizer.zero_grad(set_to_none=True)
-            if run.backward(inputs, labels) is None:
+            at_risk = _batchnorms_at_risk(net, inputs)
+            guard = _BatchOfOne(at_risk) if at_risk else None
+            try:
+                loss = run.backward(inputs, labels)
+            except ValueError as exc:
+                if guard is not None and guard.refused(exc):
+                    guard.restore()
+                    optimizer.zero_grad(set_to_none=True)
+                    batches_of_one += 1
+                    refused_layer = guard.entered[-1] if guard.entered else at_risk[0][0]
+                    warnings.warn(
+                        f"fit: epoch {epoch}, batch {index} holds ONE sample and BatchNorm layer "
+                        f"{refused_layer!r} cannot normalise one value per channel in training; "
+                        "the batch was skipped (counted in record['train']"
+                        "['skipped_batch_of_one']). Use DataLoader(..., drop_last=True) or a "
+                        "batch size that does not leave a last batch of one.", stacklevel=2)
+                    continue
+                _raise_if_nonfinite(net, optimizer, when=f"during epoch {epoch} (found before the "
+                                    f"forward pass of batch {index})", ckpt=ckpt,
+                                    last_good=last_good)
+                raise
+            finally:
+                if guard is not None:
+                    guard.close()
+            if loss is None:  # a non-finite loss, skipped: bad batch or bad weights?
+                _raise_if_nonfinite(net, optimizer, when=f"during epoch {epoch} (found before the "
+                                    f"forward pass of batch {index})", ckpt=ckpt,
+                                    last_good=last_good)
+                if _finite_inputs(inputs):
+                    overflowed.append(index)
                 continue
+            overflowed = []
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm)
             if scaler is not None:
@@ -215,8 +680,18 @@ def fit(
             else:
                 optimizer.step()
             run.batch_end()
+        _raise_if_nonfinite(net, optimizer, when=f"by the end of epoch {epoch}", ckpt=ckpt,
+                            last_good=last_good)
+        if overflowed and run.epoch_stats["n"]:
+            raise _overflow_error(epoch, overflowed, optimizer=optimizer, ckpt=ckpt,
+                                  last_good=last_good)
         stats = run.epoch_stats
         if stats["n"] == 0:
+            if batches_of_one:
+                raise ValueError(
+                    f"fit: every training batch of epoch {epoch} held ONE sample, which BatchNorm "
+                    f"layer {refused_layer!r} cannot normalise in training; use a batch size of at "
+                    "least 2 (and drop_last=True).")
             if stats["skipped"]:
                 raise ValueError(f"every batch of epoch {epoch} had a non-finite loss and was skipped.")
             raise ValueError("the training loader yielded no batches (empty loader).")
@@ -225,9 +700,12 @@ def fit(
             raise ValueError(f"the training data hold a single class {sorted(seen_classes)}; a "
                              "classifier needs at least two.")
         logs = run.epoch_end()
+        _raise_if_nonfinite(net, optimizer, when=f"at the end of epoch {epoch} (after the "
+                            "regulators' epoch-end actions)", ckpt=ckpt, last_good=last_good)
         record = {"epoch": epoch,
                   "train": {"loss": stats["loss"] / stats["n"], "acc": stats["correct"] / stats["n"],
-                            "n": stats["n"], "skipped": stats["skipped"]},
+                            "n": stats["n"], "skipped": stats["skipped"],
+                            "skipped_batch_of_one": batches_of_one},
                   "lr": optimizer.param_groups[0].get("lr")}
         if val_loader is not None:
             val = evaluate(net, val_loader, device=dev).to_dict()
@@ -252,8 +730,10 @@ def fit(
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "regulation": run.state_dict(), "history": history.to_dict(), "rng": rng_state(),
                 "best_score": best_score,
+                "fit": _fit_record(run, optimizer, scheduler, requested_lrs),
             }, ckpt / "last.pt")
             history.save(ckpt / "history.json")
+        last_good = epoch
         barrier()  # no rank runs ahead of rank 0's checkpoint
         bar.set_postfix(loss=f"{record['train']['loss']:.3f}",
                         val_acc=f"{record['val']['acc']:.3f}" if "val" in record else "-")

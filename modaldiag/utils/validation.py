@@ -7,6 +7,7 @@ that says what was expected, what was given, and what to do about it.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -18,8 +19,10 @@ __all__ = [
     "check_present",
     "check_finite",
     "check_features",
+    "check_logits",
     "check_positive_int",
     "check_choice",
+    "as_plain_int",
     "unpack_batch",
     "Interval",
     "Options",
@@ -120,6 +123,38 @@ def check_features(features: Mapping[str, torch.Tensor], modalities: Sequence[st
     return next(iter(sizes.values()))
 
 
+def check_logits(logits, batch_size: int, num_classes: int | None, *,
+                 what: str = "the model's head") -> torch.Tensor:
+    """Check that ``logits`` has shape ``(batch_size, num_classes)``; return it unchanged.
+
+    ``num_classes=None`` accepts any number of columns (a wrapped model before its first call).
+    A cheap shape check, run on every head output: a head returning ``(B,)``, the wrong number of
+    classes or another batch size would otherwise give silently wrong losses and scores.
+    """
+    expected = f"(B, num_classes) = ({batch_size}, {'C' if num_classes is None else num_classes})"
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(
+            f"{what} returned {type(logits).__name__}; it must return a logits Tensor of shape "
+            f"{expected}.")
+    shape = tuple(logits.shape)
+    if logits.dim() != 2:
+        hint = ("return one logit per class (for a single score z per sample, return "
+                "torch.stack([torch.zeros_like(z), z], dim=1))" if logits.dim() == 1 else
+                "flatten or pool the extra dimensions inside the head")
+        raise ValueError(f"{what} returned logits of shape {shape}; expected {expected}: {hint}.")
+    if shape[0] != batch_size:
+        raise ValueError(
+            f"{what} returned logits of shape {shape} for a batch of {batch_size} samples; "
+            f"expected {expected}: one row per sample, in order (look for a transpose, a reshape "
+            "or a reduction over the batch inside the head).")
+    if num_classes is not None and shape[1] != num_classes:
+        raise ValueError(
+            f"{what} returned logits of shape {shape}; expected {expected}: the head gives "
+            f"{shape[1]} class scores but the model has num_classes={num_classes}. Make the head's "
+            "last layer output num_classes values or pass the matching num_classes.")
+    return logits
+
+
 def check_present(present: Iterable[str] | None, modalities: Sequence[str]) -> tuple[str, ...]:
     """Normalise ``present`` (None means all modalities) and check every name is known."""
     if present is None:
@@ -180,6 +215,21 @@ def check_finite(value: torch.Tensor | float, what: str) -> None:
 def check_positive_int(value: int, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+    return value
+
+
+def as_plain_int(value):
+    """``value`` as a Python ``int`` when it is an integer scalar of another type (``numpy.int64``,
+    a 0-d integer tensor); anything else is returned unchanged for the constraint check to judge."""
+    if isinstance(value, bool) or isinstance(value, int):
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 1 and not value.is_floating_point() and not value.is_complex() \
+                and value.dtype != torch.bool:
+            return int(value.item())
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
     return value
 
 
