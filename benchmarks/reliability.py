@@ -61,7 +61,8 @@ def case_tables(tmp: Path) -> tuple[list[Table], int]:
                            "tests/test_reliability_cases.py.")
         for o in outcomes:
             failed += not o.ok
-            table.rows.append([o.case.name, o.happened.replace("|", "\\|"),
+            happened = o.happened.replace(str(Path(tmp).resolve()), "<tmp>").replace(str(tmp), "<tmp>")
+            table.rows.append([o.case.name, happened.replace("|", "\\|"),
                                "passed" if o.ok else "**FAILED**"])
         tables.append(table)
     return tables, failed

@@ -182,6 +182,18 @@ def test_atomic_directory_replaces_only_with_overwrite(tmp_path):
     assert (empty / "a.txt").read_text() == "x"
 
 
+def test_permissions_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        with atomic_directory(tmp_path / "out", kind="run") as tmp:
+            mio.atomic_write_text(tmp / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "out" / "a.txt").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "out" / MARKER).stat().st_mode & 0o777 == 0o640
+
+
 def _crash_swap_at(out: Path, step: int, *, exchange: bool, mid_delete: bool) -> int:
     """Fork; the child swaps 'new' into ``out`` and dies (os._exit, no cleanup) just before its
     ``step``-th filesystem mutation (or half-way through a deletion). Returns its exit status."""

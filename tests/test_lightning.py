@@ -18,7 +18,8 @@ def _trainer(cb, epochs=2, **kw):
 
 
 @pytest.mark.parametrize("make", [lambda: md.OGM(alpha=0.5), lambda: md.InfoReg(),
-                                  lambda: md.MMPareto(), lambda: md.OPM()])
+                                  lambda: md.MMPareto(), lambda: md.OPM(),
+                                  lambda: md.OGM(alpha=0.5, noise=True)])
 def test_lightning_matches_md_fit(synth, make):
     """Same regulator, same data order, same init: identical weights after two epochs."""
     def model():
@@ -55,3 +56,36 @@ def test_lightning_gradient_accumulation_modulates_once_per_step(synth):
 def test_lightning_refuses_valuation_resampling():
     with pytest.raises(ValueError, match="md.fit or md.Regulation"):
         ModalDiagCallback(md.ValuationResampling())
+
+
+def test_reused_callback_and_regulator_train_like_new_ones(synth):
+    """A second trainer.fit with the same callback (and InfoReg) equals one with new objects."""
+    def trained(cb):
+        torch.manual_seed(0)
+        lit = Lit(md.models.default_model(synth, feature_dim=8))
+        _trainer(cb, epochs=3).fit(lit, synth.train.loader(64))
+        return lit.model
+
+    cb = ModalDiagCallback(md.InfoReg(), monitor=False)
+    trained(cb)
+    second = trained(cb)
+    fresh = trained(ModalDiagCallback(md.InfoReg(), monitor=False))
+    for (n, a), (_, b) in zip(second.state_dict().items(), fresh.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+
+
+def test_tuple_batches_get_the_adapter_recipe(synth):
+    lit = Lit(md.models.default_model(synth, feature_dim=8))
+    cb = ModalDiagCallback(md.OGM(), monitor=False)
+    x, y = next(iter(synth.train.loader(8)))
+    # (audio, video, label) items, as published audio-visual loaders yield them
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x["a"], x["b"], y), batch_size=4)
+    with pytest.raises(ValueError, match=r"3 items.*adapt_loader\(loader, lambda b: \(\{'a': b\[0\], 'b': b\[1\]\}, b\[2\]\)\)"):
+        _trainer(cb, epochs=1).fit(lit, loader)
+
+
+@pytest.mark.parametrize("kwargs, arg", [({"monitor": "yes"}, "monitor"), ({"model_attr": 3}, "model_attr"),
+                                         ({"unimodal_loss_weight": -1.0}, "unimodal_loss_weight")])
+def test_callback_arguments_are_validated(kwargs, arg):
+    with pytest.raises((ValueError, TypeError), match=rf"ModalDiagCallback: {arg}\b"):
+        ModalDiagCallback(md.OGM(), **kwargs)

@@ -262,6 +262,10 @@ def test_wrap_checks_logit_shape_and_learns_num_classes_once():
     with pytest.raises(ValueError, match=r"shape \(4,\); expected \(B, num_classes\) = \(4, C\)"):
         flat(x)
     assert flat.num_classes is None  # nothing learnt from a refused output
+    single = md.wrap(net, encoders,
+                     head=lambda f: net.fusion_module(torch.cat([f["audio"], f["visual"]], 1))[:, :1])
+    with pytest.raises(ValueError, match=r"shape \(4, 1\); expected .* with C >= 2"):
+        single(x)
     wrong = md.wrap(net, encoders, num_classes=6,
                     head=lambda f: net.fusion_module(torch.cat([f["audio"], f["visual"]], 1)))
     with pytest.raises(ValueError, match=r"shape \(4, 5\).*num_classes=6"):
@@ -290,7 +294,7 @@ def test_wrap_validates_its_arguments():
 
 @pytest.mark.parametrize("kwargs, exc, match", [
     ({"num_classes": 1}, ValueError, r"num_classes must be an integer in \[2"),
-    ({"num_classes": 2.5}, ValueError, r"num_classes must be an integer in \[2, inf\]; got 2.5"),
+    ({"num_classes": 2.5}, ValueError, r"num_classes must be an integer in \[2, inf[])]; got 2.5"),
     ({"num_classes": True}, ValueError, "num_classes must be an integer"),
     ({"fusion": 3}, ValueError, "fusion must be one of 'concat'"),
     ({"hidden_dim": 0}, ValueError, "hidden_dim must be one of None or an integer in \\[1"),
@@ -333,3 +337,23 @@ def test_encoder_sizes_are_validated(build, match):
         return
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_mean_baseline_leaves_submodule_modes_as_found(synth):
+    model = md.models.default_model(synth)
+    model.train()
+    model.encoders["a"].eval()  # e.g. a frozen pretrained encoder
+    modes = [m.training for m in model.modules()]
+    model.set_baseline("mean", synth.train.loader(128))
+    assert [m.training for m in model.modules()] == modes
+    with pytest.raises(ValueError, match=r"yielded a tuple of 3 items.*adapt_loader"):
+        model.mean_features([(synth.train.inputs["a"], synth.train.inputs["b"], synth.train.labels)])
+
+
+def test_baseline_of_the_wrong_shape_is_named():
+    model = make_model(2, "concat")
+    model.set_baseline({"m0": torch.zeros(3), "m1": torch.zeros(5)})  # m0's features are (B, 4)
+    feats = model.encode(make_inputs(model))
+    with pytest.raises(ValueError, match=r"baseline of modality 'm0' has shape \(3,\) but its features "
+                                         r"have shape \(6, 4\)"):
+        model.head(feats, present=("m1",))

@@ -133,3 +133,13 @@ def test_unusable_names_are_refused_at_construction(name):
 def test_non_string_name_is_a_type_error():
     with pytest.raises(TypeError, match="non-empty strings"):
         md.MultimodalClassifier({1: nn.Linear(2, 2), "b": nn.Linear(2, 2)}, {1: 2, "b": 2}, 3)
+
+
+def test_dot_refusal_says_why_and_suggests_a_name():
+    from modaldiag.utils.validation import check_modality_names
+
+    with pytest.raises(ValueError, match=r"'\.' separates the parts of state_dict and History keys.*"
+                                         r"Rename it, e\.g\. 'audio_left'"):
+        check_modality_names(["audio.left", "video"])
+    with pytest.raises(TypeError, match="not the single string 'ab'"):
+        check_modality_names("ab")

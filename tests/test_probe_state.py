@@ -102,6 +102,9 @@ PROBES = {
     "fisher-per_sample-loop": _fisher(engine="loop"),
     "fisher-batch": _fisher(form="batch"),
     "fisher-code": _fisher(form="code"),
+    "grad_sq_norms": lambda model, tmp: md.probes.grad_sq_norms(model),
+    "learning_window": lambda model, tmp: md.learning_window({"a": [1.0, 2.0, 2.5],
+                                                              "b": [1.0, 1.1, 1.2]}),
     "purity": lambda model, tmp: md.probes.purity(np.random.default_rng(0).normal(size=(30, 2)),
                                                   np.arange(30) % 3, 3, n_init=2),
     "linear_probe_accuracy": lambda model, tmp: md.probes.linear_probe_accuracy(

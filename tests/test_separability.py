@@ -43,3 +43,20 @@ def test_single_class_refused(synth):
     one = synth.train.subset(torch.nonzero(synth.train.labels == 0).flatten())
     with pytest.raises(ValueError, match="single class"):
         md.separability(model, one.loader(64), synth.val.loader(64))
+
+
+def test_bad_arguments_name_the_parameter(synth):
+    model = md.models.default_model(synth, feature_dim=8)
+    tr, va = synth.train.loader(128), synth.val.loader(128)
+    for kwargs, exc, match in [
+        ({"n_init": 0}, ValueError, r"separability: n_init must be an integer in \[1, inf\]"),
+        ({"max_samples": -5}, ValueError, r"max_samples must be an integer"),
+        ({"linear_probe": "yes"}, TypeError, r"linear_probe must be True or False"),
+        ({"seed": -1}, ValueError, r"seed must be an integer in \[0, inf\]"),
+    ]:
+        with pytest.raises(exc, match=match):
+            md.separability(model, tr, va, **kwargs)
+    with pytest.raises(ValueError, match="purity: the features contain NaN/inf"):
+        purity(np.array([[0.0, np.nan], [1.0, 2.0]]), np.array([0, 1]), 2)
+    with pytest.raises(ValueError, match=r"features \(N, d\) and labels \(N,\)"):
+        purity(np.zeros((4, 2)), np.zeros(3, dtype=int), 2)

@@ -445,3 +445,25 @@ def test_in_memory_and_on_disk_permutation_estimates_agree(tmp_path):
                               n_permutations=4, seed=2)
     disk = md.probes.ShapleyValues.load(tmp_path)
     torch.testing.assert_close(disk.values, mem.values, rtol=0, atol=0)
+
+
+def test_load_an_interrupted_job_without_summary(tmp_path):
+    model = make_model(2)
+    loader = _chunked(model)
+    md.probes.shapley_to_disk(model, loader, tmp_path, value="prob")
+    (tmp_path / "summary.json").unlink()
+    loaded = md.probes.ShapleyValues.load(tmp_path)
+    assert len(loaded) == 30 and loaded.value == "prob" and loaded.baseline == "zero"
+    with pytest.raises(ValueError, match="no summary.json or shapley-job.json"):
+        md.probes.ShapleyValues.load(tmp_path / "missing")
+
+
+def test_callable_value_identity_in_the_job_fingerprint():
+    from modaldiag.probes.shapley import _value_id
+
+    def make(scale):
+        return lambda logits, labels, sizes: scale * logits.sum(-1)
+
+    assert _value_id(make(1.0)) == _value_id(make(2.0))  # same code: closures are not hashed
+    assert _value_id(lambda lg, y, s: lg.sum(-1)) != _value_id(lambda lg, y, s: lg.mean(-1))
+    assert _value_id("prob") == "prob"

@@ -1,10 +1,14 @@
+import warnings
+
 import pytest
 import torch
+from conftest import make_model
 from torch import nn
 
 import modaldiag as md
 from modaldiag.datasets import MultimodalDataset
-from modaldiag.models import encoder_for_shape
+from modaldiag.models import Conv1dEncoder, encoder_for_shape
+from modaldiag.utils.io import safe_torch_load
 
 
 def _loaders(data, bs=64):
@@ -161,15 +165,6 @@ def test_unimodal_auxiliary_loss_is_added(synth):
 
 
 # ---------------------------------------------------------------- issue 11: fail loudly, refuse
-import math  # noqa: E402
-import re  # noqa: E402
-import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from conftest import make_model  # noqa: E402
-
-from modaldiag.models import Conv1dEncoder  # noqa: E402
-from modaldiag.utils.io import safe_torch_load  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +198,9 @@ def test_lr_inf_raises_naming_epoch_parameter_and_encoder_and_saves_nothing(smal
     # several batches: found before the next batch's forward, still naming the parameter
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=float("inf"))
-    with pytest.raises(ValueError, match=r"during epoch 0 \(found before the forward pass of "
-                                         r"batch 1\): parameter 'encoders\.m0\.net\.0\.weight'"):
+    with pytest.raises(ValueError, match=r"during epoch 0 \(found at batch 1, whose loss was "
+                                         r"non-finite\): parameter 'encoders\.m0\.net\.0\.weight'"), \
+            pytest.warns(UserWarning, match="skipping a batch"):
         _fit(model, small.train.loader(16), epochs=1, optimizer=opt, on_nonfinite="skip")
 
 
@@ -282,7 +278,8 @@ def test_batchnorm_running_var_going_inf_raises_naming_the_buffer(tmp_path):
     model = _bn_model()
     with pytest.raises(ValueError, match=r"by the end of epoch 0: buffer 'encoders\.a\.1\."
                                          r"running_var' of the encoder of modality 'a' holds 0 NaN "
-                                         r"and [1-8] inf of its 8 values.*normalise the inputs"):
+                                         r"and [1-8] inf of its 8 values.*clean and normalise the "
+                                         r"inputs"):
         _fit(model, _bn_data(huge=True).loader(32), epochs=2, checkpoint_dir=tmp_path / "ck")
     # the loss itself stayed finite: only the running statistics overflowed
     assert torch.isinf(model.encoders["a"][1].running_var).any()
@@ -292,7 +289,7 @@ def test_batchnorm_running_var_going_inf_raises_naming_the_buffer(tmp_path):
 
 def test_batch_of_one_with_batchnorm_is_skipped_with_a_warning_and_counted():
     model = _bn_model()
-    with pytest.warns(UserWarning, match=r"epoch 0, batch 2 holds ONE sample and BatchNorm layer "
+    with pytest.warns(UserWarning, match=r"epoch \d, batch 2 holds ONE sample and BatchNorm layer "
                                          r"'encoders\.a\.1'.*drop_last=True"):
         hist = _fit(model, _bn_data(n=33).loader(16), epochs=2)
     assert [r["train"]["n"] for r in hist.epochs] == [32, 32]
@@ -328,7 +325,7 @@ def test_optimizer_over_another_models_parameters_is_refused(small):
                                          rf"tensors.*model\.parameters\(\)"):
         _fit(model, small.train.loader(16), epochs=1,
              optimizer=torch.optim.SGD(other.parameters(), lr=0.1))
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     for p in model.parameters():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
@@ -439,3 +436,32 @@ def test_train_loader_of_the_wrong_type_and_checkpoint_dir_that_is_a_file(small,
         _fit(make_model(), small.train.loader(32), epochs=1, checkpoint_dir=tmp_path / "file")
     with pytest.raises(ValueError, match=r"resume=True needs checkpoint_dir"):
         _fit(make_model(), small.train.loader(32), epochs=1, resume=True)
+
+
+def test_resume_with_a_lower_lr_continues_the_schedule_at_the_new_scale(small, tmp_path):
+    ck = tmp_path / "ck"
+
+    def halve(opt):
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+
+    model = make_model()
+    _fit(model, small.train.loader(32), epochs=1, lr=0.1, scheduler=halve, checkpoint_dir=ck)
+    assert safe_torch_load(ck / "last.pt")["fit"]["lrs"] == [0.1]
+    with pytest.warns(UserWarning, match=r"resuming with lr=\[0\.01\] where the checkpoint was "
+                                         r"trained with lr=\[0\.1\]"):
+        hist = _fit(model, small.train.loader(32), epochs=3, lr=0.01, scheduler=halve,
+                    checkpoint_dir=ck, resume=True)
+    assert hist.series("lr") == pytest.approx([0.1, 0.005, 0.0025], rel=1e-6)
+    with pytest.raises(ValueError, match=r"written with scheduler StepLR, but this call has None"):
+        _fit(model, small.train.loader(32), epochs=4, lr=0.01, checkpoint_dir=ck, resume=True)
+
+
+def test_nan_inputs_poisoning_batchnorm_statistics_raise_even_in_skip_mode():
+    data = _bn_data(32)
+    data.inputs["a"][20, 2] = float("nan")  # batch 1 of 2
+    with pytest.raises(ValueError, match=r"non-finite \(NaN or inf\) during epoch 0 at batch 1, "
+                                         r"whose input of modality 'a' contains NaN/inf: .*buffer "
+                                         r"'encoders\.a\.1\.running_mean' of the encoder of "
+                                         r"modality 'a' holds 8 NaN"), \
+            pytest.warns(UserWarning, match="skipping a batch"):
+        _fit(_bn_model(), data.loader(16), epochs=1, on_nonfinite="skip")

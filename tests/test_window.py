@@ -65,3 +65,14 @@ def test_bad_window_input():
         md.learning_window({"a": [1, 2], "b": [1]})
     with pytest.raises(ValueError, match="rule must be one of"):
         md.learning_window({"a": [1, 2]}, rule="fancy")
+
+
+def test_bad_window_parameters_name_the_parameter():
+    with pytest.raises(ValueError, match=r"learning_window: K must be .*None or a finite number; got nan"):
+        md.learning_window({"a": [1, 2]}, K=float("nan"))
+    with pytest.raises(TypeError, match=r"sticky must be True or False"):
+        md.learning_window({"a": [1, 2]}, sticky="yes")
+    with pytest.raises(ValueError, match=r"the traces of \['a'\] contain NaN/inf"):
+        md.learning_window({"a": [1.0, float("inf")], "b": [1.0, 2.0]})
+    with pytest.raises(ValueError, match=r"window_state: epoch must be an integer in \[0, inf\]"):
+        window_state({"a": [1.0]}, -1)

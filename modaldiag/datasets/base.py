@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from ..utils.validation import (
+    BOOL,
     POSITIVE_INT,
     InstanceOf,
     Satisfies,
@@ -19,6 +20,14 @@ from ..utils.validation import (
 )
 
 __all__ = ["MultimodalDataset", "DatasetSplits", "batch_loader", "loader_dataset"]
+
+_loader_constraints = {
+    "batch_size": [POSITIVE_INT],
+    "shuffle": [BOOL],
+    "shuffle_train": [BOOL],
+    "drop_last": [BOOL],
+    "generator": [None, InstanceOf(torch.Generator)],
+}
 
 
 def _as_input_tensor(x, modality: str) -> torch.Tensor:
@@ -175,7 +184,11 @@ class MultimodalDataset(Dataset):
 
     def loader(self, batch_size: int = 64, shuffle: bool = False, drop_last: bool = False,
                generator: torch.Generator | None = None) -> DataLoader:
-        """A fast DataLoader that slices whole batches (no per-sample collation)."""
+        """A fast DataLoader that slices whole batches (no per-sample collation).
+
+        ``batch_size`` >= 1 (default 64); ``shuffle`` with an optional seeded ``generator``;
+        ``drop_last`` drops a last incomplete batch.
+        """
         return batch_loader(self, batch_size, shuffle=shuffle, drop_last=drop_last,
                             generator=generator)
 
@@ -212,7 +225,12 @@ def batch_loader(dataset: MultimodalDataset, batch_size: int = 64, *, shuffle: b
     """A DataLoader over ``dataset`` that fetches batches by fancy indexing.
 
     ``sampler`` (any iterable of indices, e.g. a weighted sampler) overrides ``shuffle``.
+    ``batch_size`` >= 1; every batch is ``({m: (b, ...)}, labels (b,))`` with ``b <= batch_size``.
     """
+    batch_size = as_plain_int(batch_size)
+    validate_params(_loader_constraints, {"batch_size": batch_size, "shuffle": shuffle,
+                                          "drop_last": drop_last, "generator": generator},
+                    "batch_loader")
     if sampler is None:
         sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
     return DataLoader(_BatchView(dataset), sampler=BatchSampler(sampler, batch_size, drop_last),
@@ -252,7 +270,9 @@ class DatasetSplits:
         return self.train.input_shapes
 
     def loaders(self, batch_size: int = 64, *, shuffle_train: bool = True):
-        """``(train_loader, val_loader, test_loader)``."""
+        """``(train_loader, val_loader, test_loader)``; only the training loader is shuffled."""
+        validate_params(_loader_constraints, {"batch_size": as_plain_int(batch_size),
+                                              "shuffle_train": shuffle_train}, "loaders")
         return (self.train.loader(batch_size, shuffle=shuffle_train),
                 self.val.loader(batch_size), self.test.loader(batch_size))
 

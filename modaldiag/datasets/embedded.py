@@ -6,6 +6,7 @@ from importlib import resources
 
 import numpy as np
 
+from ..utils.validation import NON_NEGATIVE_INT, as_plain_int, validate_params
 from .base import DatasetSplits, MultimodalDataset, standardize, stratified_split
 
 __all__ = ["load", "available", "MFEAT_VIEWS"]
@@ -61,6 +62,8 @@ def load(name: str, *, seed: int = 0) -> DatasetSplits:
     """
     if not isinstance(name, str):
         raise TypeError(f"dataset name must be a string; got {type(name).__name__}.")
+    validate_params({"seed": [NON_NEGATIVE_INT]}, {"seed": as_plain_int(seed)}, "load")
+    seed = as_plain_int(seed)
     key = name.lower()
     if key == "mfeat" or key.startswith("mfeat-"):
         views = MFEAT_VIEWS if key == "mfeat" else tuple(key.split("-")[1:])

@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..utils.validation import (
+    BOOL,
     NON_NEGATIVE_INT,
     POSITIVE_INT,
     Interval,
@@ -85,7 +86,8 @@ def _inside(root: Path, relative: str, what: str, *, base: Path | None = None) -
         raise ValueError(f"invalid {what} {relative!r}.")
     lexical = Path(os.path.normpath(base / relative))
     if not _within(lexical, base):
-        raise ValueError(f"{what} {relative!r} escapes the dataset root {str(base)!r}; refused.")
+        where = f"{str(root)!r}" if base == root else f"(it points outside {str(base)!r})"
+        raise ValueError(f"{what} {relative!r} escapes the dataset root {where}; refused.")
     path = lexical.resolve()
     if not _within(path, root):
         raise ValueError(
@@ -244,7 +246,7 @@ class AVFolderDataset(Dataset):
         return rows if has_clip else rows[1:]
 
     def _spectrogram_path(self, clip: str) -> Path:
-        path = _inside(self.root, f"{clip}.npy", "clip id", base=self.audio_root)
+        path = _inside(self.root, f"{clip}.npy", "spectrogram file", base=self.audio_root)
         if not path.is_file():
             raise ValueError(f"missing spectrogram for clip {clip!r}: {str(path)!r}.")
         return path
@@ -296,7 +298,7 @@ class AVFolderDataset(Dataset):
     def _frames(self, clip: str) -> torch.Tensor:
         from PIL import Image
 
-        folder = _inside(self.root, clip, "clip id", base=self.visual_root)
+        folder = _inside(self.root, clip, "frame folder of clip", base=self.visual_root)
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES) \
             if folder.is_dir() else []
         if not files:
@@ -339,6 +341,12 @@ class AVFolderDataset(Dataset):
                                _rows=[self.rows[int(i)] for i in indices])
 
     def loader(self, batch_size: int = 16, shuffle: bool = False, num_workers: int = 0) -> DataLoader:
+        """A DataLoader over the clips (``batch_size`` >= 1, ``num_workers`` >= 0)."""
+        batch_size, num_workers = as_plain_int(batch_size), as_plain_int(num_workers)
+        validate_params({"batch_size": [POSITIVE_INT], "shuffle": [BOOL],
+                         "num_workers": [NON_NEGATIVE_INT]},
+                        {"batch_size": batch_size, "shuffle": shuffle, "num_workers": num_workers},
+                        "AVFolderDataset.loader")
         return DataLoader(self, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers)
 
 

@@ -15,12 +15,19 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..utils.distributed import all_reduce_sum
+from ..utils.torch_utils import preserved_state
 from ..utils.validation import (
+    POSITIVE_INT,
+    InstanceOf,
+    as_plain_int,
     check_features,
     check_inputs,
     check_logits,
     check_modality_names,
     check_present,
+    unpack_batch,
+    validate_params,
 )
 from .names import modality_key
 
@@ -140,6 +147,11 @@ class MultimodalModel(nn.Module):
         stored = self.baselines.get(modality)
         if stored is None:
             return torch.zeros_like(feature)
+        if tuple(stored.shape) != tuple(feature.shape[1:]):
+            raise ValueError(
+                f"the stored baseline of modality {modality!r} has shape {tuple(stored.shape)} but "
+                f"its features have shape {tuple(feature.shape)}; a baseline is one feature vector "
+                f"of shape {tuple(feature.shape[1:])}. Set it again with model.set_baseline(...).")
         return stored.to(dtype=feature.dtype, device=feature.device).expand_as(feature)
 
     def head(
@@ -210,6 +222,10 @@ class MultimodalModel(nn.Module):
             it must treat rows independently (true for any head in eval mode).
         """
         batch = check_features(features, self.modalities)
+        max_rows = as_plain_int(max_rows)
+        validate_params({"masks": [InstanceOf(torch.Tensor, what="a BoolTensor (K, M)")],
+                         "max_rows": [POSITIVE_INT]}, {"masks": masks, "max_rows": max_rows},
+                        "head_coalitions")
         masks = masks.to(torch.bool)
         if masks.dim() != 2 or masks.shape[1] != len(self.modalities):
             raise ValueError(
@@ -230,7 +246,9 @@ class MultimodalModel(nn.Module):
                 keep = chunk[:, i].view(k, *([1] * f.dim()))
                 mixed = torch.where(keep, f.unsqueeze(0), self.absent_feature(m, f).unsqueeze(0))
                 stacked[m] = mixed.reshape(k * batch, *f.shape[1:])
-            logits = self._checked_logits(self.fuse(stacked), k * batch)
+            logits = self._checked_logits(
+                self.fuse(stacked), k * batch,
+                what=f"the model's head (on {k} coalitions x {batch} samples, stacked)")
             out.append(logits.reshape(k, batch, -1))
         return torch.cat(out, dim=0)
 
@@ -318,23 +336,22 @@ class MultimodalModel(nn.Module):
 
     @torch.no_grad()
     def mean_features(self, loader: Iterable) -> dict[str, torch.Tensor]:
-        """Mean encoder output per modality over ``loader`` (eval mode, streaming)."""
-        was_training = self.training
-        self.eval()
+        """Mean encoder output per modality over ``loader`` (eval mode, streaming).
+
+        Every submodule's train/eval mode (and the global RNG state) ends as it was found.
+        """
         sums: dict[str, torch.Tensor] = {}
         count = 0
         device = _module_device(self)
-        try:
-            for inputs, _ in loader:
+        with preserved_state(self):
+            self.eval()
+            for index, batch in enumerate(loader):
+                inputs, _ = unpack_batch(batch, self.modalities, batch_index=index)
                 feats = self.encode({m: x.to(device) for m, x in inputs.items()})
                 for m, f in feats.items():
                     s = f.double().sum(0)
                     sums[m] = s if m not in sums else sums[m] + s
                 count += next(iter(feats.values())).shape[0]
-        finally:
-            self.train(was_training)
-        from ..utils.distributed import all_reduce_sum
-
         total = all_reduce_sum(torch.tensor([float(count)], dtype=torch.float64))
         if total.item() == 0:
             raise ValueError("the loader is empty: cannot compute mean features.")

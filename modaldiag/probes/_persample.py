@@ -235,15 +235,16 @@ def hook_sq_norms(net, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor
                 f"the input of module {where!r} ({type(mod).__name__}) was modified in place after "
                 "the module read it")
     if n > 1:
+        sub = 2 if n > 2 else 1
         with torch.no_grad():
-            alone = net({m: x[:1] for m, x in inputs.items()})
-        ref = logits.detach()[:1]
+            alone = net({m: x[:sub] for m, x in inputs.items()})
+        ref = logits.detach()[:sub]
         if not torch.allclose(alone.float(), ref.float(), rtol=1e-4,
                               atol=1e-5 * max(1.0, float(ref.abs().max()))):
             raise UnsupportedByHooks(
-                "samples interact in the forward pass (sample 0's logits differ when it runs "
-                "alone, e.g. batch statistics or a BatchNorm kept in training mode), so the "
-                "per-sample gradient is not a per-row quantity")
+                f"samples interact in the forward pass (the first {sub} sample(s) get other logits "
+                f"when they run apart from the other {n - sub}, e.g. batch statistics or a "
+                "BatchNorm kept in training mode), so a row's gradient is not a sample's")
 
     per_param: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for _, _, mod in layers:
@@ -253,6 +254,8 @@ def hook_sq_norms(net, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor
         for p, sq, summed in _layer_grads(mod, rec["input"], rec["grad"]):
             per_param[id(p)] = (sq, summed)
 
+    label = {id(p): f"{where}.{pn}" for _, where, mod in layers
+             for pn, p in mod.named_parameters(recurse=False)}
     scale = max((float(torch.linalg.vector_norm(t.float())) for t in true_grads if t is not None),
                 default=0.0)
     out = {m: torch.zeros(n, device=labels.device) for m in net.modalities}
@@ -264,7 +267,7 @@ def hook_sq_norms(net, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor
         size = max(float(torch.linalg.vector_norm(t)), float(torch.linalg.vector_norm(s)))
         if diff > 1e-3 * size + 1e-6 * scale:
             raise UnsupportedByHooks(
-                f"parameter {name} gets gradient from outside its module's single call (used "
+                f"parameter {label.get(id(p), name)} gets gradient from outside its module's single call (used "
                 f"more than once, by other code, or inside a compiled region): the hooks account "
                 f"for a gradient differing from autograd's by {diff / max(size, 1e-30):.1%}")
         if sq is not None:

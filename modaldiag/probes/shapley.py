@@ -213,9 +213,19 @@ class ShapleyValues:
 
     @classmethod
     def load(cls, directory) -> ShapleyValues:
-        """Read back the chunks written by :func:`shapley_to_disk` (in chunk order)."""
+        """Read back the chunks written by :func:`shapley_to_disk` (in chunk order).
+
+        The game's description comes from ``summary.json``, or from the job fingerprint
+        (``shapley-job.json``) when an interrupted run wrote no summary yet.
+        """
         directory = Path(directory)
-        summary = json.loads((directory / "summary.json").read_text())
+        described = [directory / "summary.json", directory / JOB_FILE,
+                     *sorted(directory.glob(f"rank*-{JOB_FILE}"))]
+        source = next((p for p in described if p.is_file()), None)
+        if source is None:
+            raise ValueError(f"{str(directory)!r} holds no summary.json or {JOB_FILE}; it was not "
+                             "written by md.probes.shapley_to_disk.")
+        summary = json.loads(source.read_text())
         chunks = sorted(p for p in directory.glob("*chunk-*.npz") if _CHUNK.match(p.name))
         if not chunks:
             raise ValueError(f"no Shapley chunks in {str(directory)!r}.")
@@ -425,7 +435,10 @@ def _value_id(value) -> str:
     if isinstance(value, str):
         return value
     code = getattr(value, "__code__", None)
-    digest = hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:16] if code else ""
+    digest = ""
+    if code is not None:  # bytecode, names and literal constants (nested code prints addresses)
+        consts = tuple(c for c in code.co_consts if not hasattr(c, "co_code"))
+        digest = hashlib.sha256(code.co_code + repr((code.co_names, consts)).encode()).hexdigest()[:16]
     return f"callable {getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', '?')} {digest}"
 
 
@@ -521,10 +534,10 @@ def _prepare_job(directory: Path, prefix: str, fingerprint: dict, resume: bool) 
     if not resume:
         for path in chunks:
             path.unlink()
+    if not resume or old != fingerprint:
         summary = directory / "summary.json"
         if old is not None and rank() == 0 and summary.is_file():
-            summary.unlink()  # written by the job this fingerprint describes
-    if old != fingerprint:
+            summary.unlink()  # the previous job's, which the old fingerprint describes
         atomic_write_json(job, fingerprint)
 
 

@@ -25,7 +25,14 @@ from torch import nn
 
 from ..probes.unimodal import ogm_ratio
 from ..utils.validation import BOOL, NON_NEGATIVE, NON_NEGATIVE_INT
-from .base import EPOCH_END, SEED, Regulator, all_reduce_sum, check_epoch_range, true_class_prob_sums
+from .base import (
+    EPOCH_END,
+    SEED,
+    Regulator,
+    all_reduce_sum,
+    check_epoch_range,
+    true_class_prob_sums,
+)
 
 __all__ = ["OGM", "ogm_coefficients"]
 

@@ -20,7 +20,14 @@ import torch
 
 from ..probes.unimodal import ogm_ratio
 from ..utils.validation import NON_NEGATIVE, NON_NEGATIVE_INT, Interval
-from .base import EPOCH_END, SEED, Regulator, all_reduce_sum, check_epoch_range, true_class_prob_sums
+from .base import (
+    EPOCH_END,
+    SEED,
+    Regulator,
+    all_reduce_sum,
+    check_epoch_range,
+    true_class_prob_sums,
+)
 
 __all__ = ["OPM", "opm_drop_probability"]
 

@@ -17,8 +17,8 @@ import matplotlib
 
 matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.text import Text  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.text import Text  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 __all__ = ["modality_colors", "unimodal_accuracy", "learning_window", "shapley", "separability",
@@ -212,7 +212,7 @@ def compare(histories, *, split: str = "val"):
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), sharey=True,
                              constrained_layout=True, squeeze=False)
     run_handles = []
-    for i, (name, h) in enumerate(histories.items()):
+    for i, h in enumerate(histories.values()):
         sp = split if h.epochs and split in h.epochs[0] else "train"
         epochs = h.series("epoch")
         ls = styles[i % len(styles)]

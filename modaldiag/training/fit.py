@@ -173,15 +173,15 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for t in tensors:
         if t.numel():
-            by_device.setdefault(t.device, []).append(t.detach())
-    for group in by_device.values():
-        try:
-            norms = torch._foreach_norm(group, float("inf"))
-            ok = bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
-        except (RuntimeError, TypeError, AttributeError):  # an exotic tensor: check one by one
-            ok = all(bool(torch.isfinite(t).all()) for t in group)
-        if not ok:
-            return False
+            by_device.setdefault(t.device, []).append(t)
+    with torch.no_grad():
+        for group in by_device.values():
+            try:
+                ok = bool(torch.isfinite(torch.stack(torch._foreach_norm(group, float("inf")))).all())
+            except (RuntimeError, TypeError, AttributeError):  # an exotic tensor: one by one
+                ok = all(bool(torch.isfinite(t).all()) for t in group)
+            if not ok:
+                return False
     return True
 
 
@@ -195,8 +195,10 @@ def _owner(net: nn.Module, tensor: torch.Tensor) -> str:
     return "no module of the model (it is only in the optimizer)"
 
 
-def _nonfinite_weights(net: nn.Module, optimizer: torch.optim.Optimizer) -> str | None:
-    """None when every watched tensor is finite, else a description of the first bad one."""
+def _nonfinite_weights(net: nn.Module,
+                       optimizer: torch.optim.Optimizer) -> tuple[str, str] | None:
+    """None when every watched tensor is finite, else ``(kind, description)`` of the first bad
+    one (kind: ``"parameter"`` or ``"buffer"``)."""
     watched = _watched(net, optimizer)
     if _all_finite([t for _, _, t in watched]):
         return None
@@ -206,16 +208,17 @@ def _nonfinite_weights(net: nn.Module, optimizer: torch.optim.Optimizer) -> str 
     n_nan = int(torch.isnan(t.detach()).sum())
     n_inf = int(torch.isinf(t.detach()).sum())
     more = f" ({len(bad) - 1} more tensors are non-finite too)" if len(bad) > 1 else ""
-    return (f"{kind} {name!r} of {_owner(net, t)} holds {n_nan} NaN and {n_inf} inf of its "
-            f"{t.numel()} values{more}")
+    return kind, (f"{kind} {name!r} of {_owner(net, t)} holds {n_nan} NaN and {n_inf} inf of "
+                  f"its {t.numel()} values{more}")
 
 
-def _nonfinite_error(what: str, *, when: str, optimizer: torch.optim.Optimizer,
+def _nonfinite_error(kind: str, what: str, *, when: str, optimizer: torch.optim.Optimizer,
                      ckpt: Path | None, last_good: int | None) -> ValueError:
     lr = float(optimizer.param_groups[0].get("lr", math.nan))
-    if "buffer" in what.split(" ", 1)[0]:
-        advice = ("Running statistics overflow when inputs or activations are huge: normalise the "
-                  "inputs, lower the learning rate or clip gradients (max_grad_norm=1.0).")
+    if kind == "buffer":
+        advice = ("Running statistics become non-finite when inputs hold NaN/inf or inputs or "
+                  "activations are huge: clean and normalise the inputs, lower the learning rate "
+                  "or clip gradients (max_grad_norm=1.0).")
     else:
         lower = f"e.g. lr={lr / 10:g}" if math.isfinite(lr) and lr > 0 else "e.g. lr=0.01"
         advice = (f"The learning rate (lr={lr:g}) is too large or the gradients exploded: retry "
@@ -238,6 +241,17 @@ def _finite_inputs(inputs: Mapping) -> bool:
                if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex()))
 
 
+def _at_batch(epoch: int, index: int, inputs: Mapping) -> str:
+    """Where non-finite weights were found after batch ``index``'s loss was non-finite."""
+    bad = [m for m, x in inputs.items() if isinstance(x, torch.Tensor)
+           and (x.is_floating_point() or x.is_complex()) and not bool(torch.isfinite(x).all())]
+    if not bad:
+        return f"during epoch {epoch} (found at batch {index}, whose loss was non-finite)"
+    return (f"during epoch {epoch} at batch {index}, whose input of modality "
+            f"{', '.join(map(repr, bad))} contains NaN/inf: its forward pass wrote them into the "
+            "running statistics (on_nonfinite='skip' cannot undo that); clean or drop such samples")
+
+
 def _overflow_error(epoch: int, batches: list[int], *, optimizer, ckpt: Path | None,
                     last_good: int | None) -> ValueError:
     lr = float(optimizer.param_groups[0].get("lr", math.nan))
@@ -253,9 +267,10 @@ def _overflow_error(epoch: int, batches: list[int], *, optimizer, ckpt: Path | N
 
 
 def _raise_if_nonfinite(net, optimizer, *, when, ckpt, last_good) -> None:
-    what = _nonfinite_weights(net, optimizer)
-    if what is not None:
-        raise _nonfinite_error(what, when=when, optimizer=optimizer, ckpt=ckpt, last_good=last_good)
+    bad = _nonfinite_weights(net, optimizer)
+    if bad is not None:
+        raise _nonfinite_error(*bad, when=when, optimizer=optimizer, ckpt=ckpt,
+                               last_good=last_good)
 
 
 # ---------------------------------------------------------------- a last batch of one sample
@@ -286,7 +301,7 @@ class _BatchOfOne:
 
     def restore(self) -> None:
         with torch.no_grad():
-            for (_, mod), saved in zip(self.layers, self.saved):
+            for (_, mod), saved in zip(self.layers, self.saved, strict=True):
                 for k, b in saved.items():
                     mod._buffers[k].copy_(b)
 
@@ -305,7 +320,8 @@ def _regulator_configs(run: Regulation) -> list[str]:
 
 
 def _fit_record(run: Regulation, optimizer, scheduler, requested_lrs: list[float]) -> dict:
-    """What the run was configured with, stored in ``last.pt`` and checked on resume."""
+    """What the run was configured with (before any training), stored in ``last.pt`` and
+    checked on resume."""
     return {"version": CHECKPOINT_VERSION, "optimizer": type(optimizer).__name__,
             "scheduler": type(scheduler).__name__ if scheduler is not None else None,
             "regulators": _regulator_configs(run), "callbacks": _callback_keys(run),
@@ -353,8 +369,8 @@ def _check_optimizer_matches(saved: Mapping, recorded: str | None, optimizer, na
             f"fit: the checkpoint in {where} was written for another optimizer: its parameter "
             f"groups hold {sizes} tensors, this optimizer's hold {mine}. {start_over}")
     state = saved.get("state", {})
-    for group, mine_group in zip(groups, optimizer.param_groups):
-        for index, p in zip(group["params"], mine_group["params"]):
+    for group, mine_group in zip(groups, optimizer.param_groups, strict=True):
+        for index, p in zip(group["params"], mine_group["params"], strict=True):
             for key, value in state.get(index, {}).items():
                 if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
                     raise ValueError(
@@ -394,17 +410,21 @@ def _rescale_lrs(optimizer, scheduler, requested: list[float], saved: list[float
     """Resuming with another learning rate: the loaded schedule continues, scaled to it."""
     if not saved or len(saved) != len(requested) or saved == requested:
         return
-    for i, (group, new, old) in enumerate(zip(optimizer.param_groups, requested, saved)):
+    def scaled(value, new, ratio):
+        return value * ratio if ratio is not None and math.isfinite(value) else new
+
+    triples = zip(optimizer.param_groups, requested, saved, strict=True)
+    for i, (group, new, old) in enumerate(triples):
         if new == old:
             continue
         ratio = new / old if math.isfinite(old) and old > 0 else None
-        group["lr"] = group["lr"] * ratio if ratio is not None and math.isfinite(group["lr"]) else new
+        group["lr"] = scaled(group["lr"], new, ratio)
         if "initial_lr" in group:
-            group["initial_lr"] = new
+            group["initial_lr"] = scaled(group["initial_lr"], new, ratio)
         for attr in ("base_lrs", "_last_lr"):
             values = getattr(scheduler, attr, None)
             if isinstance(values, list) and i < len(values):
-                values[i] = values[i] * ratio if ratio is not None and math.isfinite(values[i]) else new
+                values[i] = scaled(values[i], new, ratio)
     warnings.warn(f"fit: resuming with lr={requested} where the checkpoint was trained with "
                   f"lr={saved}; the learning-rate schedule continues at the new scale.", stacklevel=3)
 
@@ -590,6 +610,7 @@ def fit(
         "modalities": list(net.modalities), "num_classes": net.num_classes,
         "baseline": net.baseline_kind, "device": str(dev),
     })
+    configured = _fit_record(run, optimizer, scheduler, requested_lrs)
     ctx = run.ctx
     ctx.history = history
     start_epoch, best_score, best_state = 0, -float("inf"), None
@@ -657,17 +678,15 @@ def fit(
                         "['skipped_batch_of_one']). Use DataLoader(..., drop_last=True) or a "
                         "batch size that does not leave a last batch of one.", stacklevel=2)
                     continue
-                _raise_if_nonfinite(net, optimizer, when=f"during epoch {epoch} (found before the "
-                                    f"forward pass of batch {index})", ckpt=ckpt,
-                                    last_good=last_good)
+                _raise_if_nonfinite(net, optimizer, when=_at_batch(epoch, index, inputs),
+                                    ckpt=ckpt, last_good=last_good)
                 raise
             finally:
                 if guard is not None:
                     guard.close()
             if loss is None:  # a non-finite loss, skipped: bad batch or bad weights?
-                _raise_if_nonfinite(net, optimizer, when=f"during epoch {epoch} (found before the "
-                                    f"forward pass of batch {index})", ckpt=ckpt,
-                                    last_good=last_good)
+                _raise_if_nonfinite(net, optimizer, when=_at_batch(epoch, index, inputs),
+                                    ckpt=ckpt, last_good=last_good)
                 if _finite_inputs(inputs):
                     overflowed.append(index)
                 continue
@@ -730,7 +749,7 @@ def fit(
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "regulation": run.state_dict(), "history": history.to_dict(), "rng": rng_state(),
                 "best_score": best_score,
-                "fit": _fit_record(run, optimizer, scheduler, requested_lrs),
+                "fit": configured,
             }, ckpt / "last.pt")
             history.save(ckpt / "history.json")
         last_good = epoch

@@ -46,6 +46,7 @@ from ..utils.validation import (
     validate_params,
 )
 from .callbacks import Callback, StepContext, check_composition
+from .monitor import FisherMonitor
 
 __all__ = ["Regulation", "as_callbacks", "CallOrderError", "check_optimizer"]
 
@@ -201,8 +202,6 @@ class Regulation:
                  unimodal_loss_weight: float = 0.0, accumulate_grad_batches: int = 1,
                  on_nonfinite: str = "raise", device=None, callbacks: Sequence[Callback] = (),
                  amp: bool = False, scaler=None):
-        from .monitor import FisherMonitor
-
         net = unwrap(model)
         if not isinstance(net, MultimodalModel):
             raise TypeError(
@@ -430,7 +429,8 @@ class Regulation:
     def state_dict(self) -> dict:
         """State of every callback (keyed by position and class) and the step counters."""
         return {"callbacks": {f"{i}:{cb.name}": cb.state_dict() for i, cb in enumerate(self.callbacks)},
-                "step": self.ctx.step, "epoch": self.ctx.epoch, "micro": self._micro}
+                "step": self.ctx.step + int(self._step_pending),  # a taken step counts
+                "epoch": self.ctx.epoch, "micro": self._micro}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the callbacks' run state (a resumed run keeps it at :meth:`start`).

@@ -40,11 +40,21 @@ MARKER = ".modaldiag"
 MIN_FREE_BYTES = 16 * 2**20
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to a temporary sibling, fsync, rename over ``path`` (permissions follow the
+    umask, like a plain ``open(path, "wb")``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -209,8 +219,12 @@ def check_output_dir(path: str | os.PathLike, *, inputs: Iterable[str | os.PathL
         raise ValueError(f"refusing {option} {shown}: it is a symbolic link; give the folder it "
                          f"points to ({absolute.resolve()}) or a new path.")
     target = absolute.resolve()
-    protected = [(Path(target.anchor), "the filesystem root"), (Path.home().resolve(),
-                 "your home folder"), (Path.cwd().resolve(), "the current folder")]
+    protected = [(Path(target.anchor), "the filesystem root"),
+                 (Path.cwd().resolve(), "the current folder")]
+    try:
+        protected.insert(1, (Path.home().resolve(), "your home folder"))
+    except RuntimeError:  # no home folder known
+        pass
     for place, what in protected:
         if _is_within(place, target):
             relation = what if place == target else f"a folder containing {what} ({place})"
@@ -578,6 +592,7 @@ class atomic_directory:
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.{os.getpid()}-",
                                              suffix=".partial", dir=self.path.parent))
             _ACTIVE.add(str(self.tmp))
+            os.chmod(self.tmp, 0o777 & ~_umask())
         except BaseException:
             self._lock.release()
             raise

@@ -41,7 +41,17 @@ _FORBIDDEN_CHARS = ".\n\r\t"
 
 
 def check_modality_names(names: Iterable[str], *, what: str = "modality names") -> tuple[str, ...]:
-    """Return ``names`` as a tuple after checking there are >= 2 unique, usable strings."""
+    """Return ``names`` as a tuple after checking there are >= 2 unique, usable strings.
+
+    Any non-empty string is usable except one containing ``'.'`` (it separates the parts of
+    ``state_dict`` keys and of History keys such as ``val.unimodal_acc.<name>``), a tab or a
+    newline (they break the tables and CSV files of reports). Names that collide with attributes
+    of torch containers (``keys``, ``type``, ``training``...), start with ``_`` or ``__``, or hold
+    ``$``, spaces or unicode are fine: models store them under escaped keys
+    (:mod:`modaldiag.models.names`) and figures draw them literally.
+    """
+    if isinstance(names, str):
+        raise TypeError(f"{what} must be a collection of strings, not the single string {names!r}.")
     names = tuple(names)
     for name in names:
         if not isinstance(name, str) or not name:
@@ -50,7 +60,9 @@ def check_modality_names(names: Iterable[str], *, what: str = "modality names") 
         if bad:
             raise ValueError(
                 f"modality name {name!r} contains {bad!r}; names may not contain '.', tabs or "
-                "newlines (they key a torch ModuleDict)."
+                "newlines ('.' separates the parts of state_dict and History keys; tabs and "
+                "newlines break report tables). Rename it, e.g. "
+                f"{''.join('_' if c in _FORBIDDEN_CHARS else c for c in name)!r}."
             )
     if len(set(names)) != len(names):
         raise ValueError(f"{what} must be unique; got {list(names)}.")
@@ -147,6 +159,11 @@ def check_logits(logits, batch_size: int, num_classes: int | None, *,
             f"{what} returned logits of shape {shape} for a batch of {batch_size} samples; "
             f"expected {expected}: one row per sample, in order (look for a transpose, a reshape "
             "or a reduction over the batch inside the head).")
+    if num_classes is None and shape[1] < 2:
+        raise ValueError(
+            f"{what} returned logits of shape {shape}; expected {expected} with C >= 2: one logit "
+            "per class (for a single score z per sample, return "
+            "torch.cat([torch.zeros_like(z), z], dim=1)).")
     if num_classes is not None and shape[1] != num_classes:
         raise ValueError(
             f"{what} returned logits of shape {shape}; expected {expected}: the head gives "
@@ -258,8 +275,8 @@ class Interval:
         kind = "an integer" if self.integer else "a finite number"
         if self.low is None and self.high is None:
             return kind
-        left = "[" if self.closed in ("both", "left") else "("
-        right = "]" if self.closed in ("both", "right") else ")"
+        left = "[" if self.closed in ("both", "left") and self.low is not None else "("
+        right = "]" if self.closed in ("both", "right") and self.high is not None else ")"
         lo = "-inf" if self.low is None else f"{self.low:g}"
         hi = "inf" if self.high is None else f"{self.high:g}"
         return f"{kind} in {left}{lo}, {hi}{right}"
