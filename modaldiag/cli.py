@@ -17,7 +17,6 @@ import errno
 import math
 import shlex
 import sys
-from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 

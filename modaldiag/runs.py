@@ -257,8 +257,8 @@ def train_run(data, method: str, epochs: int, out, *, seed: int = 0, fusion: str
                                  "--out, or pass --overwrite to replace it.")
             if (read_marker(work) or {}).get("config") == config:
                 discard_folder(work)
-            say(f"{out} already holds this finished run ({epochs} epochs); nothing was "
-                "retrained (pass --restart to train it again).")
+            say(f"{out} is already complete: it holds this finished run ({epochs} epochs); "
+                "nothing was retrained (pass --restart to train it again).")
             run = load_run(out)
             run.status = "already complete"
             return run

@@ -127,7 +127,8 @@ def test_diagnose_bad_arguments_name_the_parameter(synth):
     loader = synth.val.loader(128)
     for kwargs, exc, match in [
         ({"fisher": "exact"}, ValueError, r"diagnose: fisher must be one of None or one of 'per_sample'"),
-        ({"reference_epochs": 0}, ValueError, r"reference_epochs must be .*None or an integer in \[1, inf\]; got 0"),
+        ({"reference_epochs": 0}, ValueError,
+         r"reference_epochs must be .*None or an integer in \[1, inf[])]; got 0"),
         ({"baseline": "median"}, ValueError, r"baseline must be one of None, 'zero', 'mean'"),
         ({"value": "accuracy"}, ValueError, r"value must be one of 'paper'"),
         ({"seed": 1.5}, ValueError, r"seed must be an integer"),

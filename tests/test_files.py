@@ -255,7 +255,7 @@ def test_swap_killed_at_every_step_keeps_old_or_new(tmp_path, exchange, mid_dele
         actions = recover(out)
         after = _content(out)
         assert after in ("old", "new") and (state is None or after == state), (step, actions)
-        assert _leftovers(parent) == [".out.lock"], (step, actions)  # the dead holder's
+        assert _leftovers(parent) == [], (step, actions)
         seen.add(after)
         with atomic_directory(out, kind="run") as tmp:  # the next run works normally
             (tmp / "a.txt").write_text("next")
@@ -295,6 +295,12 @@ def test_recover_restores_the_backup_when_the_folder_is_missing(tmp_path):
         f"restored {tmp_path / 'out'} from the interrupted swap's backup .out.old-{dead}-aaaa1111"]
     assert _content(tmp_path / "out") == "old" and _leftovers(tmp_path) == []
     assert recover(tmp_path / "out") == []
+    shutil.rmtree(tmp_path / "out")
+    _make(tmp_path / f".out.old-{dead}-bbbb2222", "old")
+    # the up-front check sees the restored folder, so a refusal comes before any work
+    with pytest.raises(ValueError, match="already holds a modaldiag run"):
+        check_output_dir(tmp_path / "out")
+    assert _content(tmp_path / "out") == "old" and _leftovers(tmp_path) == []
 
 
 # ---------------------------------------------------------------- locks
@@ -321,6 +327,10 @@ def test_lock_is_exclusive_across_processes_and_removed_after(tmp_path):
     assert (tmp_path / ".out.lock").exists()  # left by the killed holder: not a lock any more
     with DirectoryLock(out), DirectoryLock(out):  # re-entrant in one thread
         assert (tmp_path / ".out.lock").read_text().strip() == str(os.getpid())
+        assert recover(out) == []  # a held lock file is never removed
+    assert not (tmp_path / ".out.lock").exists()
+    (tmp_path / ".out.lock").write_text("12345\n")  # a dead holder's
+    assert recover(out) == ["removed stale lock file .out.lock"]
     assert not (tmp_path / ".out.lock").exists()
 
 

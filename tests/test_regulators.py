@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -576,6 +577,7 @@ def test_plain_loop_draws_new_ge_noise_and_opm_masks_at_every_step(synth):
         run.backward(x, y)
         opt.step()
     assert run.ctx.step == 2  # steps 0, 1, 2 (the third's end comes at the next call)
+    assert run.state_dict()["step"] == 3  # a checkpoint counts the step already taken
     name = "encoders.a.net.0.weight"
     unit = [(a[name] - b[name]) / b[name].std() for a, b in zip(after, before, strict=True)]
     for i in range(3):
@@ -669,6 +671,9 @@ def test_constraints_are_declared_for_every_constructor_argument():
     md.OGM(alpha=0.0, noise=True, start_epoch=2, end_epoch=3)
     md.OPM(q_base=1.0, lam=0.0, p_exe=1.0)
     md.InfoReg(beta=0.0, K=0.0)
+    every = md.Relearning(every=np.int64(3)).every  # integer scalars of numpy/torch are integers
+    assert every == 3 and type(every) is int
+    assert md.OGM(end_epoch=torch.tensor(4)).end_epoch == 4
 
 
 @pytest.mark.parametrize("kwargs, arg", [

@@ -49,10 +49,10 @@ def test_bad_arguments_name_the_parameter(synth):
     model = md.models.default_model(synth, feature_dim=8)
     tr, va = synth.train.loader(128), synth.val.loader(128)
     for kwargs, exc, match in [
-        ({"n_init": 0}, ValueError, r"separability: n_init must be an integer in \[1, inf\]"),
+        ({"n_init": 0}, ValueError, r"separability: n_init must be an integer in \[1, inf[])]"),
         ({"max_samples": -5}, ValueError, r"max_samples must be an integer"),
         ({"linear_probe": "yes"}, TypeError, r"linear_probe must be True or False"),
-        ({"seed": -1}, ValueError, r"seed must be an integer in \[0, inf\]"),
+        ({"seed": -1}, ValueError, r"seed must be an integer in \[0, inf[])]"),
     ]:
         with pytest.raises(exc, match=match):
             md.separability(model, tr, va, **kwargs)

@@ -276,8 +276,8 @@ def test_bad_probe_arguments_are_refused_with_their_name():
     model = make_model(2)
     loader, _, _ = _loader(model)
     for kwargs, exc, match in [
-        ({"n_permutations": 0}, ValueError, r"shapley: n_permutations must be an integer in \[1, inf\]"),
-        ({"seed": -1}, ValueError, r"seed must be an integer in \[0, inf\]; got -1"),
+        ({"n_permutations": 0}, ValueError, r"shapley: n_permutations must be an integer in \[1, inf[])]"),
+        ({"seed": -1}, ValueError, r"seed must be an integer in \[0, inf[])]; got -1"),
         ({"baseline": "median"}, ValueError, r"baseline must be one of None, 'zero', 'mean'; got 'median'"),
         ({"max_rows": 0}, ValueError, r"max_rows must be an integer"),
         ({"autocast": "yes"}, TypeError, r"autocast must be True or False"),

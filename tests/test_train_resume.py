@@ -150,7 +150,8 @@ def test_ctrl_c_then_restart_then_finished_run_not_retrained(tmp_path, capsys, m
     mtime = (out / "model.pt").stat().st_mtime_ns
     assert main(_argv(out)) == 0
     captured = capsys.readouterr()
-    assert "already holds this finished run (8 epochs); nothing was retrained" in captured.err
+    assert ("is already complete: it holds this finished run (8 epochs); nothing was "
+            "retrained") in captured.err
     assert (out / "model.pt").read_bytes() == model
     assert (out / "model.pt").stat().st_mtime_ns == mtime
     assert main(_argv(out, epochs="3")) == 2

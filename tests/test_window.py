@@ -74,5 +74,5 @@ def test_bad_window_parameters_name_the_parameter():
         md.learning_window({"a": [1, 2]}, sticky="yes")
     with pytest.raises(ValueError, match=r"the traces of \['a'\] contain NaN/inf"):
         md.learning_window({"a": [1.0, float("inf")], "b": [1.0, 2.0]})
-    with pytest.raises(ValueError, match=r"window_state: epoch must be an integer in \[0, inf\]"):
+    with pytest.raises(ValueError, match=r"window_state: epoch must be an integer in \[0, inf[])]"):
         window_state({"a": [1.0]}, -1)

@@ -110,7 +110,7 @@ def cases(tmp: Path) -> list[Case]:
                    r"\(batch 0"),
         Case(AREA, "a bad probe argument names the probe and the parameter",
              lambda: md.shapley(_model(), loader, n_permutations=0), raises=ValueError,
-             match=r"shapley: n_permutations must be an integer in \[1, inf\]; got 0"),
+             match=r"shapley: n_permutations must be an integer in \[1, inf[])]; got 0"),
         Case(AREA, "a loader of (audio, video, label) tuples gets the adapter recipe",
              lambda: md.unimodal_scores(_model(), [(torch.randn(4, 4), torch.randn(4, 4),
                                                     torch.zeros(4, dtype=torch.long))]),

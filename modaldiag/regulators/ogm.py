@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..probes.unimodal import ogm_ratio
-from ..utils.validation import BOOL, NON_NEGATIVE, NON_NEGATIVE_INT
+from ..utils.validation import BOOL, NON_NEGATIVE, NON_NEGATIVE_INT, as_plain_int
 from .base import (
     EPOCH_END,
     SEED,
@@ -78,6 +78,7 @@ class OGM(Regulator):
 
     def __init__(self, alpha: float = 0.8, noise: bool = False, *, start_epoch: int = 0,
                  end_epoch: int | None = None, conv_only: bool = False, seed: int = 0):
+        start_epoch, end_epoch, seed = (as_plain_int(v) for v in (start_epoch, end_epoch, seed))
         self._validate(alpha=alpha, noise=noise, start_epoch=start_epoch, end_epoch=end_epoch,
                        conv_only=conv_only, seed=seed)
         check_epoch_range("OGM", start_epoch, end_epoch)

@@ -19,7 +19,7 @@ import math
 import torch
 
 from ..probes.unimodal import ogm_ratio
-from ..utils.validation import NON_NEGATIVE, NON_NEGATIVE_INT, Interval
+from ..utils.validation import NON_NEGATIVE, NON_NEGATIVE_INT, Interval, as_plain_int
 from .base import (
     EPOCH_END,
     SEED,
@@ -63,6 +63,7 @@ class OPM(Regulator):
 
     def __init__(self, q_base: float = 0.5, lam: float = 0.5, p_exe: float = 0.7, *,
                  start_epoch: int = 0, end_epoch: int | None = None, seed: int = 0):
+        start_epoch, end_epoch, seed = (as_plain_int(v) for v in (start_epoch, end_epoch, seed))
         self._validate(q_base=q_base, lam=lam, p_exe=p_exe, start_epoch=start_epoch,
                        end_epoch=end_epoch, seed=seed)
         check_epoch_range("OPM", start_epoch, end_epoch)

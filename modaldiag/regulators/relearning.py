@@ -17,7 +17,14 @@ import math
 import torch
 
 from ..probes.separability import separability
-from ..utils.validation import BOOL, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Satisfies
+from ..utils.validation import (
+    BOOL,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    Satisfies,
+    as_plain_int,
+)
 from .base import SEED, Regulator, encoder_parameters
 
 __all__ = ["Relearning"]
@@ -59,6 +66,7 @@ class Relearning(Regulator):
     def __init__(self, lam: float = 3.0, every: int = 20, max_resets: int = 3, *,
                  val_loader=None, reset_bn: bool = False, reset_optimizer: bool = False,
                  seed: int = 0):
+        every, max_resets, seed = (as_plain_int(v) for v in (every, max_resets, seed))
         self._validate(lam=lam, every=every, max_resets=max_resets, val_loader=val_loader,
                        reset_bn=reset_bn, reset_optimizer=reset_optimizer, seed=seed)
         super().__init__()

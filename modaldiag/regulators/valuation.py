@@ -24,7 +24,14 @@ from torch.utils.data import default_collate
 from ..datasets.base import MultimodalDataset, batch_loader, loader_dataset
 from ..probes.shapley import VALUE_FUNCTIONS, shapley
 from ..utils.distributed import all_gather_cat, rank, world_size
-from ..utils.validation import NON_NEGATIVE_INT, POSITIVE, Interval, Options, Satisfies
+from ..utils.validation import (
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    Interval,
+    Options,
+    Satisfies,
+    as_plain_int,
+)
 from .base import SEED, Regulator
 
 __all__ = ["ValuationResampling", "extra_copies"]
@@ -112,6 +119,7 @@ class ValuationResampling(Regulator):
     def __init__(self, level: str = "sample", *, warmup: int = 5, alpha: float = 1.0,
                  subset: float = 0.2, value: str = "paper", baseline: str | None = None,
                  seed: int = 0):
+        warmup, seed = as_plain_int(warmup), as_plain_int(seed)
         self._validate(level=level, warmup=warmup, alpha=alpha, subset=subset, value=value,
                        baseline=baseline, seed=seed)
         super().__init__()

@@ -187,7 +187,9 @@ def check_output_dir(path: str | os.PathLike, *, inputs: Iterable[str | os.PathL
                      min_free_bytes: int = MIN_FREE_BYTES) -> Path:
     """Check, before any work, that ``path`` may receive a modaldiag output folder.
 
-    Refused with a ValueError (nothing is created or touched): an empty path; the filesystem
+    First repairs what an interrupted swap may have left at ``path`` (:func:`recover`: only
+    modaldiag's own leftovers of processes that are no longer running). Then refused with a
+    ValueError (nothing is created or touched): an empty path; the filesystem
     root, the home folder, the current folder or any folder containing one of them (``.``,
     ``..``); a symbolic link or a file; a path equal to, containing, or inside one of ``inputs``
     (except the paths in ``allowed_inside``); a non-empty folder without the modaldiag marker
@@ -231,6 +233,8 @@ def check_output_dir(path: str | os.PathLike, *, inputs: Iterable[str | os.PathL
             raise ValueError(f"refusing {option} {shown}: it is {relation}; modaldiag replaces its "
                              f"output folder as a whole. Give a new sub-folder instead, e.g. "
                              f"{option} {os.path.join(os.fspath(path), 'modaldiag-out')}.")
+    if target.parent.is_dir():
+        recover(target)
     allowed = {Path(p).resolve() for p in allowed_inside}
     for source in inputs:
         src = Path(source).resolve()
@@ -324,8 +328,18 @@ def discard_folder(path: str | os.PathLike) -> None:
     if not path.exists():
         return
     trash = _sibling(path, "trash")
-    os.replace(path, trash)
+    try:
+        os.replace(path, trash)
+    except FileNotFoundError:  # another process discarded it first
+        return
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def recover(path: str | os.PathLike) -> list[str]:
@@ -357,16 +371,42 @@ def recover(path: str | os.PathLike) -> list[str]:
                 continue
             stale.append((kind, Path(entry.path)))
     actions = []
-    backups = sorted((p for kind, p in stale if kind == "backup"),
-                     key=lambda p: p.stat().st_mtime, reverse=True)
+    backups = sorted((p for kind, p in stale if kind == "backup"), key=_mtime, reverse=True)
     if backups and not os.path.lexists(path):
-        os.replace(backups[0], path)
-        actions.append(f"restored {path} from the interrupted swap's backup {backups[0].name}")
+        try:
+            os.replace(backups[0], path)
+            actions.append(f"restored {path} from the interrupted swap's backup "
+                           f"{backups[0].name}")
+        except FileNotFoundError:  # another process restored it first
+            pass
         stale = [(k, p) for k, p in stale if p != backups[0]]
     for _, leftover in stale:
         discard_folder(leftover)
         actions.append(f"removed stale leftover {leftover.name}")
+    if _remove_stale_lock(parent / f".{path.name}.lock"):
+        actions.append(f"removed stale lock file .{path.name}.lock")
     return actions
+
+
+def _remove_stale_lock(lockfile: Path) -> bool:
+    """Delete a lock file nobody holds (its holder died); never one held by anyone."""
+    if fcntl is None or str(lockfile) in _HELD or not lockfile.is_file() or lockfile.is_symlink():
+        return False
+    try:
+        fd = os.open(lockfile, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        current, mine = os.stat(lockfile), os.fstat(fd)
+        if (current.st_ino, current.st_dev) != (mine.st_ino, mine.st_dev):
+            return False
+        os.unlink(lockfile)
+        return True
+    except OSError:  # held by a live process, or already gone
+        return False
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------- locks

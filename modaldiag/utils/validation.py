@@ -386,7 +386,9 @@ def validate_params(constraints: Mapping[str, Sequence], params: Mapping[str, ob
             continue
         described = " or ".join(c.describe() for c in allowed)
         numeric = any(isinstance(c, Interval) for c in allowed)
-        wrong_kind = not numeric and not any(isinstance(c, (Options, Satisfies)) for c in allowed)
+        wrong_kind = not numeric and not any(
+            isinstance(c, Satisfies) or (isinstance(c, Options) and c.choices != (None,))
+            for c in allowed)
         shown = repr(value) if not isinstance(value, torch.Tensor) else f"tensor {value.tolist()!r}"
         exc = TypeError if wrong_kind else ValueError
         raise exc(f"{owner}: {name} must be {described}; got {shown}.")
