@@ -312,6 +312,8 @@ class Options:
         self.choices = choices
 
     def describe(self) -> str:
+        if len(self.choices) == 1:
+            return repr(self.choices[0])
         return "one of " + ", ".join(repr(c) for c in self.choices)
 
     def accepts(self, value) -> bool:
