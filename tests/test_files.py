@@ -92,6 +92,8 @@ def test_dangerous_locations_refused(tmp_path, monkeypatch, given, what):
     given = {"CWD": str(work), "HOME": str(home)}.get(given, given)
     with pytest.raises(ValueError, match=what):
         check_output_dir(given)
+    with pytest.raises(ValueError, match=what):
+        atomic_directory(given)
     assert os.listdir(home) == [] and os.listdir(work) == []
 
 

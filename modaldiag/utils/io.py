@@ -177,8 +177,30 @@ def _absolute(path: str | os.PathLike, option: str) -> Path:
     return Path(os.path.abspath(text))
 
 
+def _canonical(path: str | os.PathLike) -> Path:
+    """Absolute, with the parent's symbolic links resolved (the last component kept as is)."""
+    absolute = Path(os.path.abspath(path))
+    return absolute.parent.resolve() / absolute.name if absolute.name else absolute
+
+
 def _is_within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
+
+
+def _refuse_protected(target: Path, option: str, given: str) -> None:
+    """ValueError when ``target`` is, or contains, the filesystem root, home or current folder."""
+    protected = [(Path(target.anchor), "the filesystem root"),
+                 (Path.cwd().resolve(), "the current folder")]
+    try:
+        protected.insert(1, (Path.home().resolve(), "your home folder"))
+    except RuntimeError:  # no home folder known
+        pass
+    for place, what in protected:
+        if _is_within(place, target):
+            relation = what if place == target else f"a folder containing {what} ({place})"
+            raise ValueError(f"refusing {option} {given!r}: it is {relation}; modaldiag replaces "
+                             f"its output folder as a whole. Give a new sub-folder instead, e.g. "
+                             f"{option} {os.path.join(given, 'modaldiag-out')}.")
 
 
 def check_output_dir(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = (),
@@ -221,18 +243,7 @@ def check_output_dir(path: str | os.PathLike, *, inputs: Iterable[str | os.PathL
         raise ValueError(f"refusing {option} {shown}: it is a symbolic link; give the folder it "
                          f"points to ({absolute.resolve()}) or a new path.")
     target = absolute.resolve()
-    protected = [(Path(target.anchor), "the filesystem root"),
-                 (Path.cwd().resolve(), "the current folder")]
-    try:
-        protected.insert(1, (Path.home().resolve(), "your home folder"))
-    except RuntimeError:  # no home folder known
-        pass
-    for place, what in protected:
-        if _is_within(place, target):
-            relation = what if place == target else f"a folder containing {what} ({place})"
-            raise ValueError(f"refusing {option} {shown}: it is {relation}; modaldiag replaces its "
-                             f"output folder as a whole. Give a new sub-folder instead, e.g. "
-                             f"{option} {os.path.join(os.fspath(path), 'modaldiag-out')}.")
+    _refuse_protected(target, option, os.fspath(path))
     if target.parent.is_dir():
         recover(target)
     allowed = {Path(p).resolve() for p in allowed_inside}
@@ -356,7 +367,7 @@ def recover(path: str | os.PathLike) -> list[str]:
     list of str
         One line per action taken.
     """
-    path = Path(os.path.abspath(path))
+    path = _canonical(path)
     parent = path.parent
     if not parent.is_dir():
         return []
@@ -427,7 +438,7 @@ class DirectoryLock:
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(os.path.abspath(path))
+        self.path = _canonical(path)
         self.lockfile = self.path.parent / f".{self.path.name}.lock"
         self._depth = 0
 
@@ -606,9 +617,8 @@ class atomic_directory:
 
     def __init__(self, path: str | os.PathLike, *, kind: str = "folder",
                  command: str | None = None, overwrite: bool = True, **fields: Any):
-        self.path = _absolute(path, "output folder")
-        if self.path.name in ("", ".", ".."):
-            raise ValueError(f"cannot write a folder at {os.fspath(path)!r}: give a folder name.")
+        self.path = _canonical(_absolute(path, "output folder"))
+        _refuse_protected(self.path.resolve(), "output folder", os.fspath(path))
         self.kind, self.command, self.overwrite, self.fields = kind, command, overwrite, fields
         self._lock = DirectoryLock(self.path)
 
