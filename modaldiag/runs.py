@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -177,9 +178,11 @@ def _prepare_work(out: Path, work: Path, config: dict, *, overwrite: bool, resta
                              f"in {out} (what differs: {differs}); refusing to mix them. Re-run "
                              "its command to finish it, pass --restart to discard its checkpoints, "
                              "or choose another --out.")
-    if not work.exists():
-        work.mkdir()
-        write_marker(work, "train-work", command=command, config=config)
+    if not work.exists():  # marked before it gets its name: a crash leaves a stale .partial
+        fresh = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}-", suffix=".partial",
+                                      dir=out.parent))
+        write_marker(fresh, "train-work", command=command, config=config)
+        os.rename(fresh, work)
 
 
 def train_run(data, method: str, epochs: int, out, *, seed: int = 0, fusion: str = "concat",

@@ -168,8 +168,8 @@ def test_float_labels_are_never_truncated():
     (np.array(["x", "y", "z"]), {}, TypeError, "labels have dtype <U1"),
     ([True, False, True], {}, ValueError, "labels have dtype torch.bool"),
     ([0, 1, 1], {"class_names": ["x"], "num_classes": 2}, ValueError, "class_names has 1 names"),
-    ([0, 1, 1], {"num_classes": 0}, ValueError, r"num_classes must be one of None or an integer in \[1"),
-    ([0, 1, 1], {"class_names": "ab"}, ValueError, "class_names must be one of None or a sequence"),
+    ([0, 1, 1], {"num_classes": 0}, ValueError, r"num_classes must be None or an integer in \[1"),
+    ([0, 1, 1], {"class_names": "ab"}, ValueError, "class_names must be None or a sequence"),
 ])
 def test_bad_labels_are_refused(labels, kwargs, exc, match):
     with pytest.raises(exc, match=match):
@@ -329,11 +329,11 @@ def test_av_folder_single_training_clip_and_bad_sizes(tmp_path):
                           ({"num_frames": 2.5}, "num_frames must be an integer"),
                           ({"image_size": 0}, r"image_size must be an integer in \[1"),
                           ({"image_size": "112"}, "image_size must be an integer"),
-                          ({"audio_length": 0}, "audio_length must be one of None or an integer"),
-                          ({"header": "yes"}, "header must be one of None or"),
+                          ({"audio_length": 0}, "audio_length must be None or an integer"),
+                          ({"header": "yes"}, "header must be None or"),
                           ({"val_fraction": 1.0}, r"val_fraction must be a finite number in \(0, 1\)"),
                           ({"seed": -1}, r"seed must be an integer in \[0")]:
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises((ValueError, TypeError), match=match):
             md.datasets.av_folder(tmp_path, **{"audio_length": 32, **kwargs})
 
 

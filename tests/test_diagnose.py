@@ -126,7 +126,7 @@ def test_diagnose_bad_arguments_name_the_parameter(synth):
     model = md.models.default_model(synth, feature_dim=8)
     loader = synth.val.loader(128)
     for kwargs, exc, match in [
-        ({"fisher": "exact"}, ValueError, r"diagnose: fisher must be one of None or one of 'per_sample'"),
+        ({"fisher": "exact"}, ValueError, r"diagnose: fisher must be None or one of 'per_sample'"),
         ({"reference_epochs": 0}, ValueError,
          r"reference_epochs must be .*None or an integer in \[1, inf[])]; got 0"),
         ({"baseline": "median"}, ValueError, r"baseline must be one of None, 'zero', 'mean'"),

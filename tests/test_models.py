@@ -288,7 +288,7 @@ def test_wrap_validates_its_arguments():
         md.wrap("net", enc, head=lambda f: f)
     with pytest.raises(TypeError, match="wrap: encoders must be a dict"):
         md.wrap(net, [net.audio_net, net.visual_net], head=lambda f: f)
-    with pytest.raises(ValueError, match=r"wrap: num_classes must be one of None or an integer in \[2"):
+    with pytest.raises(ValueError, match=r"wrap: num_classes must be None or an integer in \[2"):
         md.wrap(net, enc, head=lambda f: f, num_classes=1)
 
 
@@ -297,7 +297,7 @@ def test_wrap_validates_its_arguments():
     ({"num_classes": 2.5}, ValueError, r"num_classes must be an integer in \[2, inf[])]; got 2.5"),
     ({"num_classes": True}, ValueError, "num_classes must be an integer"),
     ({"fusion": 3}, ValueError, "fusion must be one of 'concat'"),
-    ({"hidden_dim": 0}, ValueError, "hidden_dim must be one of None or an integer in \\[1"),
+    ({"hidden_dim": 0}, ValueError, "hidden_dim must be None or an integer in \\[1"),
     ({"feature_dims": {"a": 0, "b": 2}}, ValueError, r"feature_dims\['a'\] must be an integer in \[1"),
     ({"feature_dims": {"a": 2.0, "b": 2}}, ValueError, r"feature_dims\['a'\] must be an integer"),
     ({"encoders": [nn.Linear(2, 2)]}, TypeError, "encoders must be a dict"),

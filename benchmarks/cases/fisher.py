@@ -232,7 +232,7 @@ def cases(tmp: Path) -> list[Case]:
              _untouched, check=lambda c: (not any(c.values()),
                                           "changed: " + ", ".join(f"{k} {v}" for k, v in c.items()))),
         Case(AREA, "chunk_size=0", lambda: md.fisher_trace(model, [(x, y)], chunk_size=0),
-             raises=ValueError, match=r"chunk_size must be an integer in \[1, inf\]; got 0"),
+             raises=ValueError, match=r"chunk_size must be an integer in \[1, inf\); got 0"),
         Case(AREA, "engine='fast'", lambda: md.fisher_trace(model, [(x, y)], engine="fast"),
              raises=ValueError, match="engine must be one of 'auto', 'hooks', 'vmap', 'loop'"),
     ]
