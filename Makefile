@@ -28,7 +28,7 @@ $(BENCH_STAMP): $(DEV_STAMP)
 	touch $(BENCH_STAMP)
 
 demo: $(STAMP)
-	$(BIN)/modaldiag demo --out demo-out
+	$(BIN)/modaldiag demo --out demo-out --overwrite
 
 test: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import modaldiag as md
-from modaldiag.utils.io import atomic_directory, atomic_write_text
+from modaldiag.utils.io import atomic_directory, atomic_write_text, write_marker
 
 from .cases import all_cases, run_case
 from .common import Table, machine_info
@@ -106,6 +106,7 @@ def faults() -> Table:
         report = tmp / "report"
         report.mkdir()
         (report / "report.html").write_text("previous report")
+        write_marker(report, "diagnosis")
 
         def crash():
             with atomic_directory(report) as work:

@@ -10,7 +10,6 @@ While training, checkpoints go every epoch into ``.OUT.work`` beside the run fol
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from .utils.io import (
     safe_torch_load,
     write_marker,
 )
-from .utils.validation import POSITIVE_INT, InstanceOf, Options, Satisfies, validate_params
+from .utils.validation import POSITIVE, POSITIVE_INT, InstanceOf, Options, validate_params
 
 __all__ = ["METHODS", "RUN_KEYS", "make_regulator", "train_run", "load_run", "work_dir", "Run"]
 
@@ -116,8 +115,7 @@ _TRAIN_CONSTRAINTS = {
     "seed": [InstanceOf(int, what="an integer")],
     "fusion": [Options(*FUSIONS)],
     "batch_size": [POSITIVE_INT],
-    "lr": [Satisfies(lambda v: not isinstance(v, bool) and isinstance(v, (int, float))
-                     and math.isfinite(v) and v > 0, "a finite number > 0")],
+    "lr": [POSITIVE],
     "progress": [bool],
     "overwrite": [bool],
     "restart": [bool],

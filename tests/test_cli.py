@@ -239,3 +239,13 @@ def test_help_documents_overwrite_and_restart():
         text = " ".join(sub[command].format_help().split())
         assert "--overwrite replace --out when it already holds an earlier modaldiag output" in text
         assert "a folder modaldiag did not create is never replaced" in text
+
+
+def test_existing_empty_folder_is_used(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    assert main(["train", "--dataset", "nutrimouse", "--epochs", "1", "--out", str(out),
+                 "--quiet"]) == 0
+    assert json.loads((out / ".modaldiag").read_text())["kind"] == "run"
+    assert json.loads((out / "run.json").read_text())["epochs"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

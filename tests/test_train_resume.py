@@ -205,3 +205,48 @@ def test_diverged_training_saves_nothing(tmp_path, capsys, monkeypatch):
                  "--out", str(out)]) == 2
     assert "Nothing was saved to" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+def test_crash_after_the_last_epoch_resumes_without_training(tmp_path, capsys, monkeypatch):
+    import modaldiag.runs as runs
+
+    argv = ["train", "--dataset", "nutrimouse", "--method", "inforeg", "--epochs", "3", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "ref")]) == 0
+
+    class Crash:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            raise KeyboardInterrupt  # killed while writing the finished run
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(runs, "atomic_directory", Crash)
+    out = tmp_path / "run"
+    assert main([*argv, "--out", str(out)]) == 130
+    assert not out.exists() and _epochs_done(out) == 3
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "resuming from epoch 3 of 3" in capsys.readouterr().err
+    _same_run(out, tmp_path / "ref")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref", "run"]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"lr": float("inf")}, r"lr must be a finite number in \(0, inf\); got inf"),
+    ({"lr": float("nan")}, r"lr must be a finite number in \(0, inf\); got nan"),
+    ({"lr": -0.1}, r"lr must be a finite number in \(0, inf\); got -0.1"),
+    ({"epochs": 0}, r"epochs must be an integer in \[1, inf\); got 0"),
+    ({"method": "magic"}, r"method must be one of 'joint'"),
+    ({"fusion": "mean"}, r"fusion must be one of 'concat'"),
+])
+def test_train_run_refuses_bad_arguments_before_touching_disk(tmp_path, bad, message):
+    from modaldiag.runs import train_run
+
+    args = {"method": "joint", "epochs": 1, **bad}
+    with pytest.raises(ValueError, match=message):
+        train_run(modaldiag.datasets.load("nutrimouse"), out=tmp_path / "run", **args)
+    assert os.listdir(tmp_path) == []

@@ -312,21 +312,20 @@ def _leftover(name: str, entry: str) -> tuple[str | None, int | None]:
     if not entry.startswith(prefix):
         return None, None
     rest = entry[len(prefix):]
-    m = re.fullmatch(r"(?:(\d+)-)?[a-z0-9_]+\.partial", rest)
+    m = re.fullmatch(r"(?:(\d+)-)?[\w-]+\.partial", rest, re.ASCII)
     if m:
         return "partial", int(m.group(1)) if m.group(1) else None
-    m = re.fullmatch(r"old-(\d+)(?:-[a-z0-9_]+)?", rest)
+    m = re.fullmatch(r"old-(\d+)(?:-[\w-]+)?", rest, re.ASCII)
     if m:
         return "backup", int(m.group(1))
-    m = re.fullmatch(r"trash-(\d+)-[a-z0-9_]+", rest)
+    m = re.fullmatch(r"trash-(\d+)-[\w-]+", rest, re.ASCII)
     if m:
         return "trash", int(m.group(1))
     return None, None
 
 
 def _sibling(path: Path, label: str) -> Path:
-    token = next(tempfile._get_candidate_names())
-    return path.parent / f".{path.name}.{label}-{os.getpid()}-{token}"
+    return path.parent / f".{path.name}.{label}-{os.getpid()}-{os.urandom(4).hex()}"
 
 
 def discard_folder(path: str | os.PathLike) -> None:
