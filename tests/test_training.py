@@ -465,3 +465,33 @@ def test_nan_inputs_poisoning_batchnorm_statistics_raise_even_in_skip_mode():
                                          r"modality 'a' holds 8 NaN"), \
             pytest.warns(UserWarning, match="skipping a batch"):
         _fit(_bn_model(), data.loader(16), epochs=1, on_nonfinite="skip")
+
+
+@pytest.mark.parametrize("make_regulator", [
+    lambda: None,
+    lambda: md.InfoReg(trace="per_sample"),
+    lambda: md.Relearning(every=1),
+    lambda: md.ValuationResampling("sample", warmup=0),
+], ids=["joint", "inforeg-per-sample", "relearning", "valuation"])
+def test_fit_keeps_a_frozen_batchnorm_frozen(make_regulator):
+    """A BatchNorm the user froze (eval mode) inside a train-mode model keeps its running stats
+    through fit, even with regulators that run probes between epochs."""
+    torch.manual_seed(0)
+    enc_a = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4), torch.nn.ReLU())
+    enc_b = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU())
+    model = md.MultimodalClassifier({"a": enc_a, "b": enc_b}, {"a": 4, "b": 4}, 3)
+    with torch.no_grad():
+        enc_a[1].running_mean.fill_(0.25)
+        enc_a[1].running_var.fill_(2.0)
+    enc_a[1].eval()
+    g = torch.Generator().manual_seed(1)
+    data = md.datasets.MultimodalDataset(
+        {"a": torch.randn(24, 5, generator=g), "b": torch.randn(24, 6, generator=g)},
+        torch.arange(24) % 3, num_classes=3)
+    md.fit(model, data.loader(8, shuffle=True), val_loader=data.loader(8), epochs=2,
+           regulator=make_regulator(), progress=False, monitor=False)
+    bn = enc_a[1]
+    assert not bn.training and model.training
+    assert torch.equal(bn.running_mean, torch.full((4,), 0.25))
+    assert torch.equal(bn.running_var, torch.full((4,), 2.0))
+    assert int(bn.num_batches_tracked) == 0

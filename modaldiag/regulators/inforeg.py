@@ -124,7 +124,6 @@ class InfoReg(Regulator):
         model = ctx.model
         if self.trace == "per_sample":
             epoch_trace = fisher_trace(model, ctx.train_loader, per_sample=True)
-            model.train()
         else:
             n = max(self._steps, 1)
             epoch_trace = {m: float(self._sq[m]) / n if m in self._sq else 0.0 for m in model.modalities}

@@ -131,7 +131,6 @@ class Relearning(Regulator):
                              "Relearning(val_loader=...) (carved from train, never the test set).")
         sep = separability(ctx.model, ctx.train_loader, val, seed=self.seed, linear_probe=False,
                            silhouette=False)
-        ctx.model.train()
         gaps = {m: s.gap for m, s in sep.items()}
         alphas = self.alphas(gaps)
         self.reinitialise(ctx.model, alphas, ctx.optimizer)

@@ -150,7 +150,6 @@ class ValuationResampling(Regulator):
             loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine.tolist()),
                                                  batch_size=batch_size)
         sv = shapley(model, loader, value=self.value, baseline=self.baseline)
-        model.train()
         order = all_gather_cat(mine)  # the sample index of each gathered row
         position = torch.empty(len(dataset), dtype=torch.long)
         position[indices] = torch.arange(len(indices))

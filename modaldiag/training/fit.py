@@ -430,6 +430,17 @@ def _rescale_lrs(optimizer, scheduler, requested: list[float], saved: list[float
 
 
 # ---------------------------------------------------------------- fit
+def _frozen_submodules(net: nn.Module) -> list[nn.Module]:
+    """Submodules the user put in eval mode inside a train-mode model (e.g. a frozen BatchNorm).
+
+    ``fit`` keeps them in eval mode at every epoch instead of flipping the whole model to train
+    mode. A model handed over entirely in eval mode is trained as a whole (nothing is frozen).
+    """
+    if not net.training:
+        return []
+    return [module for module in net.modules() if not module.training]
+
+
 def fit(
     model: MultimodalModel,
     train_loader: Iterable,
@@ -461,6 +472,9 @@ def fit(
     ----------
     model : MultimodalModel
         A :class:`~modaldiag.MultimodalClassifier` or a :func:`~modaldiag.wrap`-ped model.
+        Submodules you put in eval mode inside a train-mode model (a frozen BatchNorm, a frozen
+        pretrained encoder) stay in eval mode for the whole run; probes and regulators never
+        change any submodule's mode.
     train_loader, val_loader : iterables of ``(inputs: dict[str, Tensor], labels: LongTensor)``
         ``inputs[m]`` has shape ``(B, ...)`` for every modality ``m``; ``labels`` has shape
         ``(B,)``. A Dataset is batched with ``batch_size``. A loader yielding tuples such as
@@ -646,6 +660,7 @@ def fit(
     _raise_if_nonfinite(net, optimizer, when=f"before training (epoch {start_epoch})", ckpt=None,
                         last_good=None)
 
+    frozen = _frozen_submodules(net)
     run.start(train_loader, val_loader, epochs)
     bar = tqdm(total=epochs, initial=start_epoch, desc="fit", unit="epoch",
                disable=not progress or not is_main_process(), leave=False)
@@ -656,6 +671,8 @@ def fit(
             train_sampler.set_epoch(epoch)
         loader = run.epoch_start(epoch, train_loader)
         model.train()
+        for module in frozen:
+            module.eval()
         batches_of_one, refused_layer = 0, None
         overflowed: list[int] = []  # skipped batches with finite inputs since the last step
         for index, batch in enumerate(loader):
