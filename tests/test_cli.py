@@ -72,10 +72,15 @@ def test_bad_arguments_exit_2_with_clear_messages(tmp_path, capsys):
                  ["train", "--dataset", "hapt", "--method", "magic", "--out", "z"],
                  ["train", "--dataset", "hapt", "--lr", "-1", "--out", "z"],
                  ["frobnicate"]):
-        proc = subprocess.run([sys.executable, "-m", "modaldiag.cli", *argv], capture_output=True,
-                              text=True, cwd=tmp_path)
-        assert proc.returncode == 2, argv
-        assert "error" in proc.stderr and "Traceback" not in proc.stderr
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2, argv
+        assert "error" in capsys.readouterr().err
+    # the installed entry point behaves the same in a fresh process
+    proc = subprocess.run([sys.executable, "-m", "modaldiag.cli", "frobnicate"], capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "error" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_datasets_command_lists_names(capsys):

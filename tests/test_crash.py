@@ -67,7 +67,7 @@ def test_sigkill_right_after_a_checkpoint_then_resume(tmp_path, reference):
     _assert_identical(_run(ckpt, tmp_path / "final.pt", "--resume"), reference)
 
 
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("seed", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_sigkill_at_a_random_moment_then_resume(tmp_path, reference, seed):
     ckpt = tmp_path / "ckpt"
     delay = random.Random(seed).uniform(0.0, 0.4)  # mid-epoch, possibly mid-checkpoint-write

@@ -81,7 +81,7 @@ def test_distributed_probes_equal_single_process_on_the_union(ddp_results):
     assert probes["diagnose"][2] == pytest.approx(rep.fused_accuracy)
 
 
-@pytest.mark.parametrize("regulator", ["OGM-GE", "MMPareto"])
+@pytest.mark.parametrize("regulator", [pytest.param("OGM-GE", marks=pytest.mark.slow), "MMPareto"])
 def test_lightning_ddp_strategy_two_cpu_processes(tmp_path, regulator):
     pytest.importorskip("lightning")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
