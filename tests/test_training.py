@@ -2,7 +2,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_inputs, make_model
 from torch import nn
 
 import modaldiag as md
@@ -495,3 +495,18 @@ def test_fit_keeps_a_frozen_batchnorm_frozen(make_regulator):
     assert torch.equal(bn.running_mean, torch.full((4,), 0.25))
     assert torch.equal(bn.running_var, torch.full((4,), 2.0))
     assert int(bn.num_batches_tracked) == 0
+
+
+def test_divergence_seen_only_by_validation_is_named_as_divergence(tmp_path):
+    """One step per epoch with lr=1e30: the weights stay finite (~1e30) but validation overflows.
+    fit must say the run diverged (not blame the data) and save nothing of that epoch."""
+    model = make_model(m=2)
+    x = make_inputs(model, batch=12)
+    batches = [(x, torch.arange(12) % 3)]
+    with pytest.raises(ValueError, match=r"diverged during epoch 0: .*Lower the learning rate "
+                                         r"\(lr=1e\+30\)") as info:
+        md.fit(model, batches, val_loader=batches, epochs=2, lr=1e30, progress=False,
+               checkpoint_dir=tmp_path / "ckpt")
+    assert "nothing of epoch 0 was saved" in str(info.value)
+    assert not (tmp_path / "ckpt" / "best.pt").exists()
+    assert not (tmp_path / "ckpt" / "last.pt").exists()

@@ -744,7 +744,18 @@ def fit(
                             "skipped_batch_of_one": batches_of_one},
                   "lr": optimizer.param_groups[0].get("lr")}
         if val_loader is not None:
-            val = evaluate(net, val_loader, device=dev).to_dict()
+            try:
+                val = evaluate(net, val_loader, device=dev).to_dict()
+            except ValueError as exc:
+                if "non-finite" not in str(exc) and "NaN/inf" not in str(exc):
+                    raise
+                where = f"the checkpoint of epoch {last_good} in {ckpt}" if (
+                    ckpt is not None and last_good is not None) else "no checkpoint"
+                raise ValueError(
+                    f"the model diverged during epoch {epoch}: its weights are finite but so large "
+                    f"that validation produced non-finite values ({exc}) Lower the learning rate "
+                    f"(lr={optimizer.param_groups[0].get('lr')}) or pass max_grad_norm=1.0; "
+                    f"nothing of epoch {epoch} was saved ({where} is intact).") from None
             record["val"] = val
             for cb in run.callbacks:
                 cb.on_validation_end(ctx, val)
