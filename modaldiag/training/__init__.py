@@ -3,8 +3,8 @@
 from .callbacks import Callback, StepContext
 from .fit import default_optimizer, fit
 from .history import History
-from .loop import Regulation
+from .loop import CallOrderError, Regulation, check_optimizer
 from .monitor import FisherMonitor
 
 __all__ = ["fit", "History", "Callback", "StepContext", "Regulation", "default_optimizer",
-           "FisherMonitor"]
+           "FisherMonitor", "CallOrderError", "check_optimizer"]

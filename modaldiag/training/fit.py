@@ -36,7 +36,7 @@ from ..utils.validation import (
 )
 from .callbacks import Callback
 from .history import History
-from .loop import Regulation
+from .loop import Regulation, check_optimizer
 
 __all__ = ["fit", "default_optimizer"]
 
@@ -135,17 +135,8 @@ def _check_optimizer_covers(net: nn.Module, optimizer: torch.optim.Optimizer | N
     if not trainable:
         raise ValueError("fit: the model has no trainable parameters (requires_grad is False "
                          "everywhere), so training would change nothing; unfreeze what should learn.")
-    if optimizer is None:
-        return
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    covered = sum(id(p) in held for p in trainable)
-    if covered == 0:
-        raise ValueError(
-            f"fit: the optimizer holds {len(held)} parameter tensors, none of which is a trainable "
-            f"parameter of the model: it covers 0 of the model's {len(trainable)} trainable "
-            "parameter tensors, so training would change nothing. Build it from this model, e.g. "
-            "torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), or pass optimizer=None "
-            "for that default.")
+    if optimizer is not None:
+        check_optimizer(net, optimizer)
 
 
 # ---------------------------------------------------------------- non-finite weights
