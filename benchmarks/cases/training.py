@@ -56,6 +56,25 @@ def _nan_bn_data() -> MultimodalDataset:
     return data
 
 
+def _frozen_batchnorm():
+    model = _bn_model()
+    bn = model.encoders["a"][1]
+    bn.eval()
+    before = (bn.running_mean.clone(), bn.running_var.clone())
+    data = _bn_data(32)
+    _fit(model, data.loader(8, shuffle=True), data.loader(16), epochs=2,
+         regulator=md.Relearning(every=1))
+    return bn, before
+
+
+def _frozen_batchnorm_check(result) -> tuple[bool, str]:
+    bn, (mean, var) = result
+    same = torch.equal(bn.running_mean, mean) and torch.equal(bn.running_var, var)
+    return (same and not bn.training,
+            f"after 2 epochs: still eval mode: {not bn.training}; running stats unchanged: {same} "
+            f"(batches tracked {int(bn.num_batches_tracked)})")
+
+
 def _fit(model, loader, val=None, **kw):
     kw = {"progress": False, "monitor": False, "epochs": 1, **kw}
     with warnings.catch_warnings():
@@ -180,6 +199,8 @@ def cases(tmp: Path) -> list[Case]:
         case("every batch of ONE sample with BatchNorm refused", lambda: _fit(
             _bn_model(), _bn_data(6).loader(1)), raises=ValueError,
              match=r"every training batch of epoch 0 held ONE sample.*batch size of at least 2"),
+        case("a BatchNorm the user froze (eval mode) stays frozen through fit with Re-learning",
+             _frozen_batchnorm, check=_frozen_batchnorm_check),
         case("a loader yielding (audio, video, label) tuples gets the adapter recipe", lambda: _fit(
             _model(), [(torch.randn(8, 5), torch.randn(8, 6), torch.arange(8) % 3)]),
              raises=ValueError, match=r"tuple of 3 items.*md\.datasets\.adapt_loader\(loader"),
