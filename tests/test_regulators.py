@@ -830,3 +830,170 @@ def test_resuming_without_the_saved_regulator_is_refused(synth):
     plain = md.Regulation(model, opt)
     with pytest.raises(ValueError, match=r"trained with \['InfoReg'\], which this run lacks"):
         plain.load_state_dict(run.state_dict())
+
+
+# ---------------------------------------------------------------- options pinned by value
+def _conv_model(seed=0):
+    """Modality "a": a 2-D CNN with BatchNorm (4-D conv grads, BN buffers); "b": an MLP."""
+    torch.manual_seed(seed)
+    encs = {"a": md.models.Conv2dEncoder(2, 6, channels=(3, 4)), "b": md.models.MLPEncoder(5, 6)}
+    return md.MultimodalClassifier(encs, {"a": 6, "b": 6}, 3)
+
+
+def _conv_batch(n=16, seed=0, strong="a"):
+    g = torch.Generator().manual_seed(seed)
+    x = {"a": torch.randn(n, 2, 8, 8, generator=g), "b": torch.randn(n, 5, generator=g)}
+    x[strong] = x[strong] * 5
+    return x, torch.arange(n) % 3
+
+
+def test_inforeg_star_gradient_equals_autograd_of_joint_plus_unimodal_ce():
+    torch.manual_seed(0)
+    model = make_model(3, "gated")
+    x, y = make_inputs(model, batch=12, seed=4), torch.tensor([0, 2, 1, 1, 0, 2, 2, 1, 0, 0, 1, 2])
+    ref = make_model(3, "gated")
+    ref.load_state_dict(model.state_dict())
+    feats = ref.encode(x)
+    loss = F.cross_entropy(ref.head(feats), y) + sum(
+        F.cross_entropy(ref.head(feats, present=[m]), y) for m in ref.modalities)
+    want = torch.autograd.grad(loss, list(ref.parameters()))
+    plain = torch.autograd.grad(F.cross_entropy(ref(x), y), list(ref.parameters()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = md.Regulation(model, opt, md.InfoReg(unimodal_loss=True))
+    run.epoch_start(0, [(x, y)])
+    opt.zero_grad()
+    run.backward(x, y)  # step 0: the weights equal the anchors, so the proximal term is 0
+    for (n, p), g, g0 in zip(model.named_parameters(), want, plain, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7, msg=n)
+    # the unimodal terms really change the gradient (of encoders and head)
+    assert max((g - g0).abs().max().item() for g, g0 in zip(want, plain, strict=True)) > 1e-3
+    assert set(run.ctx.losses) == {"multimodal", "unimodal/m0", "unimodal/m1", "unimodal/m2"}
+
+
+def test_inforeg_without_unimodal_loss_is_the_joint_gradient_only():
+    torch.manual_seed(0)
+    model = make_model(2, "concat")
+    x, y = make_inputs(model, batch=10, seed=2), torch.arange(10) % 3
+    ref = make_model(2, "concat")
+    ref.load_state_dict(model.state_dict())
+    want = torch.autograd.grad(F.cross_entropy(ref(x), y), list(ref.parameters()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = md.Regulation(model, opt, md.InfoReg())
+    run.epoch_start(0, [(x, y)])
+    opt.zero_grad()
+    run.backward(x, y)
+    for p, g in zip(model.parameters(), want, strict=True):
+        torch.testing.assert_close(p.grad, g)
+    assert set(run.ctx.losses) == {"multimodal"}
+
+
+@pytest.mark.parametrize("reset_bn", [False, True])
+@pytest.mark.parametrize("reset_optimizer", [False, True])
+def test_relearning_reset_bn_and_optimizer_values(reset_bn, reset_optimizer):
+    model = _conv_model()
+    reg = md.Relearning(lam=3.0, reset_bn=reset_bn, reset_optimizer=reset_optimizer)
+    reg.remember_init(model)
+    init_buf = {n: b.clone() for n, b in model.named_buffers()}
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    model.train()
+    for s in range(3):
+        x, y = _conv_batch(seed=s)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    cur_buf = {n: b.clone() for n, b in model.named_buffers()}
+    assert any(not torch.equal(cur_buf[n], init_buf[n]) for n in cur_buf if "running" in n)
+    state_before = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
+                    for p in model.parameters()}
+    alphas = {"a": 0.25, "b": 0.6}
+    reg.reinitialise(model, alphas, opt)
+    for n, b in model.named_buffers():
+        m = n.split(".")[1]
+        if not reset_bn:
+            assert torch.equal(b, cur_buf[n]), n
+        elif b.is_floating_point():
+            torch.testing.assert_close(b, (1 - alphas[m]) * cur_buf[n] + alphas[m] * init_buf[n],
+                                       msg=n)
+        else:  # num_batches_tracked: back to its initial count
+            assert torch.equal(b, init_buf[n]) and int(cur_buf[n]) == 3, n
+    enc_ids = {id(p) for m in model.modalities for p in model.encoders[m].parameters()}
+    for p in model.parameters():
+        if reset_optimizer and id(p) in enc_ids:
+            assert p not in opt.state or not opt.state[p]
+        else:  # head state (and everything without the option) kept, value for value
+            assert set(opt.state[p]) == set(state_before[id(p)])
+            for k, v in opt.state[p].items():
+                assert torch.equal(torch.as_tensor(v), torch.as_tensor(state_before[id(p)][k])), k
+    # the next step after a reset starts the Adam moments anew for the encoders
+    if reset_optimizer:
+        x, y = _conv_batch(seed=9)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        p = model.encoders["b"].net[0].weight
+        assert int(opt.state[p]["step"]) == 1
+        assert int(opt.state[model.fusion.fc.weight]["step"]) == 4
+
+
+def test_ogm_conv_only_scales_exactly_the_4d_grads_by_k():
+    model = _conv_model()
+    x, y = _conv_batch(n=24)
+    ctx = _ctx(model, x, y)
+    s = {m: float(F.softmax(ctx.unimodal_logits[m].detach(), 1).gather(1, y[:, None]).sum())
+         for m in model.modalities}
+    dominant = max(s, key=s.get)
+    rho = s[dominant] / min(s.values())
+    k = 1 - math.tanh(1.0 * rho)
+    assert rho > 1 and k < 0.5
+    reg = md.OGM(alpha=1.0, conv_only=True)
+    reg.on_after_forward(ctx)
+    F.cross_entropy(ctx.logits, y).backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    reg.on_before_optimizer_step(ctx)
+    assert reg.coefficients[dominant] == pytest.approx(k)
+    n4 = 0
+    for n, p in model.named_parameters():
+        if p.grad.dim() == 4 and n.startswith(f"encoders.{dominant}."):
+            torch.testing.assert_close(p.grad, before[n] * k, msg=n)
+            n4 += 1
+        else:  # conv bias, BN affine, fc, the other encoder and the head: untouched
+            assert torch.equal(p.grad, before[n]), n
+    assert dominant == "a" and n4 == 2  # both Conv2d weights
+    # default (conv_only=False): every parameter of the dominant encoder by the same k
+    model2 = _conv_model()
+    ctx2 = _ctx(model2, x, y)
+    reg2 = md.OGM(alpha=1.0)
+    reg2.on_after_forward(ctx2)
+    F.cross_entropy(ctx2.logits, y).backward()
+    before2 = {n: p.grad.clone() for n, p in model2.named_parameters()}
+    reg2.on_before_optimizer_step(ctx2)
+    for n, p in model2.named_parameters():
+        scale = k if n.startswith(f"encoders.{dominant}.") else 1.0
+        torch.testing.assert_close(p.grad, before2[n] * scale, msg=n)
+
+
+def test_ogm_ge_noise_std_is_the_unmodulated_std_per_tensor_at_alpha_above_zero():
+    torch.manual_seed(0)
+    encs = {"a": md.models.MLPEncoder(40, 32, hidden=(64,)), "b": md.models.MLPEncoder(40, 32, hidden=(64,))}
+    model = md.MultimodalClassifier(encs, {"a": 32, "b": 32}, 3)
+    g = torch.Generator().manual_seed(1)
+    x = {"a": torch.randn(64, 40, generator=g) * 4, "b": torch.randn(64, 40, generator=g) * 0.1}
+    y = torch.arange(64) % 3
+    ctx = _ctx(model, x, y, epoch=0, step=5)
+    reg = md.OGM(alpha=2.0, noise=True)
+    reg.on_after_forward(ctx)
+    F.cross_entropy(ctx.logits, y).backward()
+    before = {m: [p.grad.clone() for p in model.encoders[m].parameters()] for m in model.modalities}
+    head_before = [p.grad.clone() for p in model.fusion.parameters()]
+    reg.on_before_optimizer_step(ctx)
+    k = reg.coefficients
+    dominant = min(k, key=k.get)
+    assert k[dominant] < 0.3  # modulated and unmodulated std differ by > 3x
+    for m in model.modalities:
+        for g0, p in zip(before[m], model.encoders[m].parameters(), strict=True):
+            noise = p.grad - k[m] * g0
+            want = g0.std().item()
+            assert noise.std().item() == pytest.approx(want, rel=0.3), (m, tuple(p.shape))
+            assert abs(noise.mean().item()) < 4 * want / math.sqrt(noise.numel()) + 1e-12
+    for g0, p in zip(head_before, model.fusion.parameters(), strict=True):
+        assert torch.equal(p.grad, g0)  # no noise on the head

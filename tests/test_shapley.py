@@ -1,3 +1,4 @@
+import functools
 import itertools
 import json
 import math
@@ -467,3 +468,112 @@ def test_callable_value_identity_in_the_job_fingerprint():
     assert _value_id(make(1.0)) == _value_id(make(2.0))  # same code: closures are not hashed
     assert _value_id(lambda lg, y, s: lg.sum(-1)) != _value_id(lambda lg, y, s: lg.mean(-1))
     assert _value_id("prob") == "prob"
+
+
+# ------------------------------------------------------------------ independent value references
+def _hand_value(row: list[float], label: int, size: int, value: str) -> float:
+    """v(S) for ONE sample from its logit row, written out by hand (no library code, no torch)."""
+    best = max(range(len(row)), key=lambda c: row[c])  # argmax (first maximum)
+    correct = 1.0 if best == label else 0.0
+    top = max(row)
+    log_z = top + math.log(sum(math.exp(z - top) for z in row))
+    if value == "paper":
+        return size * correct
+    if value == "correct":
+        return correct
+    if value == "prob":
+        return math.exp(row[label] - log_z)
+    if value == "logit":
+        return row[label]
+    if value == "neg_loss":
+        return row[label] - log_z  # -CE = log softmax of the true class
+    raise AssertionError(value)
+
+
+def _hand_shapley(model, x, y, value):
+    """Per-sample loop over every coalition; phi_m = sum_{S not containing m}
+    |S|!(M-|S|-1)!/M! * (v(S + m) - v(S)), with v from :func:`_hand_value`."""
+    mods = model.modalities
+    m = len(mods)
+    model.eval()
+    n = len(y)
+    phi = [[0.0] * m for _ in range(n)]
+    full, empty = [0.0] * n, [0.0] * n
+    with torch.no_grad():
+        feats = model.encode(x)
+        for i in range(n):
+            one = {k: f[i:i + 1] for k, f in feats.items()}
+            v = {}
+            for r in range(m + 1):
+                for s in itertools.combinations(range(m), r):
+                    row = model.head(one, present=[mods[j] for j in s])[0].double().tolist()
+                    v[frozenset(s)] = _hand_value(row, int(y[i]), r, value)
+            full[i], empty[i] = v[frozenset(range(m))], v[frozenset()]
+            for j in range(m):
+                others = [k for k in range(m) if k != j]
+                for r in range(m):
+                    w = math.factorial(r) * math.factorial(m - r - 1) / math.factorial(m)
+                    for s in itertools.combinations(others, r):
+                        phi[i][j] += w * (v[frozenset(s) | {j}] - v[frozenset(s)])
+    t = functools.partial(torch.tensor, dtype=torch.float64)
+    return t(phi), t(full), t(empty), v
+
+
+
+def _interacting_case(m=3, n=24, seed=3):
+    """A gated head (modalities interact) on linear encoders with unit-scale weights, so the
+    argmax changes between coalitions, and labels that mix the predicted and other classes:
+    correctness, class index and coalition all matter."""
+    torch.manual_seed(seed)
+    mods = [f"m{i}" for i in range(m)]
+    model = md.MultimodalClassifier({k: torch.nn.Linear(5, 4) for k in mods}, {k: 4 for k in mods},
+                                    4, fusion="gated")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p))
+    g = torch.Generator().manual_seed(seed)
+    x = {k: torch.randn(n, 5, generator=g) for k in mods}
+    y = torch.tensor([(0, 3, 1, 3, 0, 2)[i % 6] for i in range(n)])
+    return model.eval(), x, y
+
+
+@pytest.mark.parametrize("value", ["paper", "correct", "prob", "logit", "neg_loss"])
+def test_value_functions_match_an_independent_hand_reference(value):
+    model, x, y = _interacting_case()
+    sv = md.shapley(model, [(x, y)], value=value)
+    phi, full, empty, _ = _hand_shapley(model, x, y, value)
+    torch.testing.assert_close(sv.full_value, full, rtol=F32_RTOL, atol=F32_ATOL)
+    torch.testing.assert_close(sv.empty_value, empty, rtol=F32_RTOL, atol=F32_ATOL)
+    torch.testing.assert_close(sv.values, phi, rtol=F32_RTOL, atol=F32_ATOL)
+    # the case is not degenerate: values differ between samples and modalities
+    assert sv.values.std() > 0.05
+    if value in ("paper", "correct"):
+        right = (sv.predictions == sv.labels)
+        assert 0 < int(right.sum()) < len(y)  # both correct and wrong fused predictions
+
+
+def test_value_of_logits_on_a_hand_computed_example():
+    # one coalition of size 2, three samples, classes chosen so argmax != label for sample 1
+    logits = torch.tensor([[[2.0, 0.0, -1.0], [0.5, 1.5, 3.0], [0.0, 0.0, 4.0]]])
+    labels = torch.tensor([0, 1, 2])
+    sizes = torch.tensor([2])
+    for value in VALUE_FUNCTIONS_ALL:
+        got = value_of_logits(logits, labels, sizes, value)[0].tolist()
+        want = [_hand_value(logits[0, i].tolist(), int(labels[i]), 2, value) for i in range(3)]
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-12), value
+    assert value_of_logits(logits, labels, sizes, "paper")[0].tolist() == [2.0, 0.0, 2.0]
+    assert value_of_logits(logits, labels, sizes, "logit")[0].tolist() == [2.0, 1.5, 4.0]
+
+
+VALUE_FUNCTIONS_ALL = ("paper", "correct", "prob", "logit", "neg_loss")
+
+
+def test_paper_value_of_the_full_coalition_is_m_times_correctness():
+    model, x, y = _interacting_case(m=4, n=16)
+    sv = md.shapley(model, [(x, y)], value="paper")
+    right = (sv.predictions == sv.labels).double()
+    torch.testing.assert_close(sv.full_value, 4.0 * right, rtol=0, atol=0)
+    torch.testing.assert_close(sv.empty_value, torch.zeros(16, dtype=torch.float64), rtol=0, atol=0)
+    with torch.no_grad():
+        pred = model.eval()(x).argmax(1)
+    assert torch.equal(sv.predictions, pred) and torch.equal(sv.labels, y)

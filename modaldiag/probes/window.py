@@ -9,6 +9,11 @@ epoch t is taken at its start, from the traces of epochs < t.
 - ``"code"``: the released code: the trace list is pre-filled with 10 zeros, the growth is taken
   between 10-epoch moving averages, K = 0.05, and only the *first* modality's trace decides (the
   same decision for every modality). The zeros keep the window open for epochs 0..10.
+- ``"robust"`` (ours, not in the paper): for t >= 2, ``b_m`` is the Theil-Sen slope (median of the
+  pairwise slopes) of ``log Tr`` over the last ``min(span, t)`` epochs ``t-span .. t-1``, reported on
+  the paper's scale as ``rho_m = 1 - exp(-b_m)`` (equal to the paper's rho when the trace grows
+  geometrically). Hysteresis: an open window closes when ``rho_m <= K`` and a closed one reopens
+  only when ``rho_m > K_open`` (K = 0.04, K_open = 2K by default). See :func:`window_state`.
 """
 
 from __future__ import annotations
@@ -21,10 +26,14 @@ from ..utils.validation import BOOL, NON_NEGATIVE_INT, Interval, Options, valida
 
 __all__ = ["LearningWindow", "learning_window", "window_state", "growth_ratio"]
 
-DEFAULT_K = {"paper": 0.04, "code": 0.05}
+DEFAULT_K = {"paper": 0.04, "code": 0.05, "robust": 0.04}
 CODE_WINDOW = 10
-_PARAMETER_CONSTRAINTS = {"rule": [Options("paper", "code")], "K": [None, Interval(None, None)],
-                          "sticky": [BOOL], "epoch": [NON_NEGATIVE_INT]}
+ROBUST_SPAN = 5
+ROBUST_OPEN_FACTOR = 2.0
+_PARAMETER_CONSTRAINTS = {"rule": [Options("paper", "code", "robust")],
+                          "K": [None, Interval(None, None)], "K_open": [None, Interval(None, None)],
+                          "span": [Interval(2, None, integer=True)], "sticky": [BOOL],
+                          "epoch": [NON_NEGATIVE_INT]}
 
 
 def growth_ratio(previous: float, current: float) -> float:
@@ -47,26 +56,104 @@ def _code_rho(trace: Sequence[float], t: int) -> float | None:
     return growth_ratio(prev, cur) if cur != 0 else None
 
 
+def _theil_sen(y: Sequence[float]) -> float:
+    """Median of the pairwise slopes ``(y_j - y_i) / (j - i)``, i < j (y at unit spacing)."""
+    slopes = sorted((y[j] - y[i]) / (j - i) for i in range(len(y)) for j in range(i + 1, len(y)))
+    mid = len(slopes) // 2
+    return slopes[mid] if len(slopes) % 2 else 0.5 * (slopes[mid - 1] + slopes[mid])
+
+
+def _robust_rho(trace: Sequence[float], t: int, span: int) -> float | None:
+    if t < 2:
+        return None
+    recent = [float(v) for v in trace[max(0, t - span):t]]
+    top = max(recent)
+    if top <= 0:
+        return 0.0
+    floor = top * 1e-12
+    slope = _theil_sen([math.log(max(v, floor)) for v in recent])
+    return -math.expm1(-slope)
+
+
+def _resolve(rule: str, K, K_open, owner: str) -> tuple[float, float | None]:
+    K = DEFAULT_K[rule] if K is None else float(K)
+    if rule != "robust":
+        return K, None
+    K_open = ROBUST_OPEN_FACTOR * abs(K) if K_open is None else float(K_open)
+    if K_open < K:
+        raise ValueError(f"{owner}: K_open must be >= K (the window reopens only above K_open and "
+                         f"closes at or below K); got K_open={K_open:g} < K={K:g}.")
+    return K, K_open
+
+
 def window_state(traces: Mapping[str, Sequence[float]], epoch: int, *, rule: str = "paper",
                  K: float | None = None, previous: Mapping[str, bool] | None = None,
-                 sticky: bool = True) -> tuple[dict[str, bool], dict[str, float | None]]:
+                 sticky: bool = True, K_open: float | None = None,
+                 span: int = ROBUST_SPAN) -> tuple[dict[str, bool], dict[str, float | None]]:
     """Whether each modality's window is open at the start of ``epoch``, and the growth ratio.
 
-    ``previous`` is the state at ``epoch - 1`` (for ``sticky`` windows).
+    Parameters
+    ----------
+    traces : dict[str, sequence of float]
+        ``{m: [Tr_0, Tr_1, ...]}``; only the entries of epochs ``< epoch`` are read.
+    epoch : int >= 0
+        The epoch about to start (0-based).
+    rule : {"paper", "code", "robust"}, default "paper"
+    K : float, optional
+        Threshold on rho; default 0.04 (paper, robust) or 0.05 (code). For "robust" it is the
+        closing threshold.
+    previous : dict[str, bool], optional
+        The state at ``epoch - 1``; None at the start of a run (every window counts as open).
+        Used by ``sticky`` windows and by the robust rule's hysteresis.
+    sticky : bool, default True
+        Once closed, stay closed ("paper" and "code"). The robust rule ignores it: its hysteresis
+        decides whether a closed window reopens.
+    K_open : float, optional
+        Robust rule only: a closed window reopens when rho > K_open; default ``2 * K``. Must be
+        >= K (K_open = K switches the hysteresis off).
+    span : int >= 2, default 5
+        Robust rule only: the number of past epochs in the slope fit.
+
+    Returns
+    -------
+    state : dict[str, bool]
+        Open (True) or closed, per modality.
+    rho : dict[str, float | None]
+        The growth ratio behind each decision (None for epochs 0 and 1, where it is undefined
+        and the window counts as open).
+
+    Why the robust rule is built this way: the paper's rho compares two single noisy epochs, so
+    on small data a multiplicative fluctuation of a few per cent opens or closes the window.
+    Fitting the slope of ``log Tr`` over ``span`` epochs averages that noise; the Theil-Sen
+    estimator also ignores a single outlying epoch (a breakdown point of 29 %), which a
+    least-squares slope or a moving average would follow; working on ``log Tr`` makes the
+    multiplicative noise additive and keeps the rule scale-free, as the paper's ratio is. The
+    hysteresis band ``(K, K_open]`` then stops the remaining estimator noise from flickering the
+    state. Each decision reads only ``traces[m][:epoch]`` and ``previous``, so the rule is
+    causal, deterministic and per modality.
     """
     validate_params(_PARAMETER_CONSTRAINTS, {"rule": rule, "K": K, "sticky": sticky,
-                                             "epoch": epoch}, "window_state")
-    K = DEFAULT_K[rule] if K is None else float(K)
+                                             "epoch": epoch, "K_open": K_open, "span": span},
+                    "window_state")
+    K, K_open = _resolve(rule, K, K_open, "window_state")
     names = list(traces)
     if rule == "code":
         rho0 = _code_rho(traces[names[0]], epoch)
         rho = {m: rho0 for m in names}
+    elif rule == "robust":
+        rho = {m: _robust_rho(traces[m], epoch, span) for m in names}
     else:
         rho = {m: _paper_rho(traces[m], epoch) for m in names}
     state = {}
     for m in names:
-        is_open = True if rho[m] is None else rho[m] > K
-        if sticky and previous is not None and not previous.get(m, True):
+        was_open = True if previous is None else previous.get(m, True)
+        if rho[m] is None:
+            is_open = True
+        elif rule == "robust":
+            is_open = rho[m] > (K if was_open else K_open)
+        else:
+            is_open = rho[m] > K
+        if sticky and rule != "robust" and not was_open:
             is_open = False
         state[m] = is_open
     return state, rho
@@ -85,6 +172,9 @@ class LearningWindow:
     rho : dict[str, list[float | None]]
         Growth ratio used for each decision (None where undefined).
     rule, K, sticky
+        The rule and its parameters (``sticky`` as applied: False for "code" and "robust").
+    K_open, span
+        The robust rule's reopening threshold and slope span (None for the other rules).
     """
 
     traces: dict[str, list[float]]
@@ -93,6 +183,8 @@ class LearningWindow:
     rule: str
     K: float
     sticky: bool = True
+    K_open: float | None = None
+    span: int | None = None
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -123,13 +215,15 @@ class LearningWindow:
                 for m, tr in self.traces.items()}
 
     def to_dict(self) -> dict:
-        return {"rule": self.rule, "K": self.K, "sticky": self.sticky, "traces": self.traces,
+        return {"rule": self.rule, "K": self.K, "sticky": self.sticky, "K_open": self.K_open,
+                "span": self.span, "traces": self.traces,
                 "open": self.open, "rho": self.rho, "open_epochs": self.open_epochs(),
                 "peak_growth_epoch": self.peak_growth_epoch, "peak_epoch": self.peak_epoch}
 
 
 def learning_window(traces, *, rule: str = "paper", K: float | None = None,
-                    sticky: bool = True) -> LearningWindow:
+                    sticky: bool = True, K_open: float | None = None,
+                    span: int = ROBUST_SPAN) -> LearningWindow:
     """Detect the prime learning window from a per-epoch trace series.
 
     Parameters
@@ -137,15 +231,29 @@ def learning_window(traces, *, rule: str = "paper", K: float | None = None,
     traces : dict[str, sequence of float] or History
         ``{m: [Tr_0, Tr_1, ...]}``, or a :class:`~modaldiag.History` recorded with
         ``monitor=True`` (its ``fisher`` entries are used).
-    rule : {"paper", "code"}, default "paper"
+    rule : {"paper", "code", "robust"}, default "paper"
+        "robust" is a noise-robust variant of ours (Theil-Sen slope of the log-trace over
+        ``span`` epochs, with hysteresis); see :func:`window_state` for the rule and its
+        rationale. It is never the default.
     K : float, optional
-        Threshold; default 0.04 (paper) or 0.05 (code).
+        Threshold; default 0.04 (paper, robust) or 0.05 (code). The robust rule closes an open
+        window when rho <= K.
     sticky : bool, default True
         The window is a single interval from epoch 0 (paper rule only; the code rule re-evaluates
-        every epoch, as released).
+        every epoch, as released, and the robust rule reopens through its hysteresis).
+    K_open : float, optional
+        Robust rule: a closed window reopens when rho > K_open; default ``2 * K``; must be >= K.
+    span : int >= 2, default 5
+        Robust rule: number of past epochs in the slope fit.
+
+    Returns
+    -------
+    LearningWindow
+        ``open[m][t]`` and ``rho[m][t]`` for every modality m and epoch t (lists of length T).
     """
-    validate_params(_PARAMETER_CONSTRAINTS, {"rule": rule, "K": K, "sticky": sticky},
-                    "learning_window")
+    validate_params(_PARAMETER_CONSTRAINTS, {"rule": rule, "K": K, "sticky": sticky,
+                                             "K_open": K_open, "span": span}, "learning_window")
+    K, K_open = _resolve(rule, K, K_open, "learning_window")
     if hasattr(traces, "series") and hasattr(traces, "modalities"):
         history = traces
         traces = {m: history.series(f"fisher.{m}") for m in history.modalities}
@@ -165,16 +273,17 @@ def learning_window(traces, *, rule: str = "paper", K: float | None = None,
     if len(lengths) != 1:
         raise ValueError(f"every modality needs one trace per epoch; lengths differ: "
                          f"{ {m: len(v) for m, v in traces.items()} }.")
-    K = DEFAULT_K[rule] if K is None else float(K)
     sticky = sticky and rule == "paper"
     n = lengths.pop()
     opened: dict[str, list[bool]] = {m: [] for m in traces}
     rhos: dict[str, list[float | None]] = {m: [] for m in traces}
     prev = None
     for t in range(n):
-        state, rho = window_state(traces, t, rule=rule, K=K, previous=prev, sticky=sticky)
+        state, rho = window_state(traces, t, rule=rule, K=K, previous=prev, sticky=sticky,
+                                  K_open=K_open, span=span)
         for m in traces:
             opened[m].append(state[m])
             rhos[m].append(rho[m])
         prev = state
-    return LearningWindow(traces, opened, rhos, rule, K, sticky)
+    return LearningWindow(traces, opened, rhos, rule, K, sticky, K_open,
+                          span if rule == "robust" else None)

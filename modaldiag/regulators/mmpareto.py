@@ -15,6 +15,16 @@ gradient of the sum w.r.t. encoder m is m's own unimodal gradient). For each enc
 Head parameters get the plain summed gradient ``g_mm + g_u``. Gradients are added to ``.grad``
 (so gradient accumulation works).
 
+Magnitude rescaling (``rescale``): the weights ``w_mm`` always come from encoder m's whole gradient
+(all its tensors concatenated, as in the paper and the released code). The factor
+``max(1, |g_mm + g_u| / |h|)`` is taken over the whole encoder in the paper form
+(``rescale="encoder"``) and separately for every parameter tensor in the authors' released code
+(``rescale="tensor"``, set by ``variant="released"``): there, tensor t of encoder m gets
+``gamma * max(1, |g_mm,t + g_u,t| / |h_t|) * h_t`` with ``h_t = 2 (w_mm g_mm,t + w_u g_u,t)``.
+
+Not reproduced: the released code takes its unimodal logits from separate unimodal linear heads;
+both variants here use the shared head with the other modalities absent.
+
 DDP: ``autograd.grad`` does not trigger DDP's gradient all-reduce, so the regulator averages both
 gradient sets over ranks itself *before* computing the weights; every rank then computes the same
 combination from the same numbers and the replicas stay identical.
@@ -26,10 +36,30 @@ import torch
 import torch.nn.functional as F
 
 from ..utils.distributed import all_reduce_sum, world_size
-from ..utils.validation import POSITIVE
+from ..utils.validation import POSITIVE, Options
 from .base import Regulator
 
 __all__ = ["MMPareto", "pareto_combine"]
+
+
+def pareto_weight(g_mm: torch.Tensor, g_u: torch.Tensor) -> tuple[float, float]:
+    """``(w_mm, cos)`` of two flat gradients: 1/2 if ``cos > 0``, else the two-task min-norm
+    weight ``clip((|g_u|^2 - <g_mm, g_u>) / |g_mm - g_u|^2, 0, 1)``."""
+    dot = torch.dot(g_mm, g_u)
+    n_mm, n_u = g_mm.norm(), g_u.norm()
+    cos = float(dot / (n_mm * n_u)) if n_mm > 0 and n_u > 0 else 1.0
+    if cos > 0:
+        return 0.5, cos
+    diff = (g_mm - g_u).pow(2).sum()
+    return (float(((n_u ** 2 - dot) / diff).clamp(0, 1)) if diff > 0 else 0.5), cos
+
+
+def _rescaled(g_mm: torch.Tensor, g_u: torch.Tensor, w_mm: float, gamma: float) -> torch.Tensor:
+    """``gamma * max(1, |g_mm + g_u| / |h|) * h`` with ``h = 2 (w_mm g_mm + (1 - w_mm) g_u)``."""
+    h = 2 * (w_mm * g_mm + (1 - w_mm) * g_u)
+    h_norm = h.norm()
+    scale = max(1.0, float((g_mm + g_u).norm() / h_norm)) if h_norm > 0 else 1.0
+    return gamma * scale * h
 
 
 def pareto_combine(g_mm: torch.Tensor, g_u: torch.Tensor, gamma: float = 1.5
@@ -70,6 +100,12 @@ class MMPareto(Regulator):
     gamma : float > 0, default 1.5
         Magnitude factor of the final encoder gradient (``gamma <= 0`` would stop or reverse
         training and is refused).
+    variant : {"paper", "released"}, default "paper"
+        ``"released"`` sets ``rescale="tensor"`` (the authors' public code) unless ``rescale`` is
+        given explicitly.
+    rescale : {None, "encoder", "tensor"}, default None
+        Where the magnitude factor ``max(1, |g_mm + g_u| / |h|)`` is taken: over each encoder's
+        whole gradient (paper) or per parameter tensor (released). None: from ``variant``.
 
     Not usable with ``nn.DataParallel`` (its replicas break the two separate gradient passes):
     use DistributedDataParallel or the unwrapped model.
@@ -77,12 +113,17 @@ class MMPareto(Regulator):
 
     needs_unimodal_logits = True
     conflicts = ("OGM",)
-    _parameter_constraints = {"gamma": [POSITIVE]}
+    _parameter_constraints = {"gamma": [POSITIVE], "variant": [Options("paper", "released")],
+                              "rescale": [None, Options("encoder", "tensor")]}
 
-    def __init__(self, gamma: float = 1.5):
-        self._validate(gamma=gamma)
+    def __init__(self, gamma: float = 1.5, *, variant: str = "paper", rescale: str | None = None):
+        self._validate(gamma=gamma, variant=variant, rescale=rescale)
         super().__init__()
         self.gamma = float(gamma)
+        self.variant = variant
+        if rescale is None:
+            rescale = "tensor" if variant == "released" else "encoder"
+        self.rescale = rescale
 
     def reset(self) -> None:
         """Forget gradients deferred for a framework's optimizer step (a fresh run)."""
@@ -90,7 +131,7 @@ class MMPareto(Regulator):
         self._deferred: dict[torch.nn.Parameter, torch.Tensor] | None = None
 
     def config(self) -> dict:
-        return {"gamma": self.gamma}
+        return {"gamma": self.gamma, "variant": self.variant, "rescale": self.rescale}
 
     def on_after_forward(self, ctx) -> None:
         for m, lg in ctx.unimodal_logits.items():
@@ -147,12 +188,17 @@ class MMPareto(Regulator):
                 continue
             flat_mm = torch.cat([g.flatten() for g in g_mm[i:i + n]])
             flat_u = torch.cat([g.flatten() for g in g_u[i:i + n]])
-            final, w_mm, cos = pareto_combine(flat_mm, flat_u, self.gamma)
+            if self.rescale == "tensor":  # released: the weights per encoder, the factor per tensor
+                w_mm, cos = pareto_weight(flat_mm, flat_u)
+                for p, a, b in zip(enc[m], g_mm[i:i + n], g_u[i:i + n], strict=True):
+                    out[p] = _rescaled(a, b, w_mm, self.gamma)
+            else:
+                final, w_mm, cos = pareto_combine(flat_mm, flat_u, self.gamma)
+                offset = 0
+                for p in enc[m]:
+                    out[p] = final[offset:offset + p.numel()].view_as(p)
+                    offset += p.numel()
             weights[m], cosines[m] = w_mm, cos
-            offset = 0
-            for p in enc[m]:
-                out[p] = final[offset:offset + p.numel()].view_as(p)
-                offset += p.numel()
             i += n
         for p, a, b in zip(head, g_mm[i:], g_u[i:], strict=True):
             out[p] = a + b

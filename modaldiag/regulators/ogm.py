@@ -14,6 +14,16 @@ Differences from the released code: all encoder parameters are modulated by defa
 module identity, not by name (the released code silently does nothing outside DataParallel).
 The noise comes from a generator seeded by (seed, optimizer step), identical on every rank; the
 step advances by itself in plain loops too (``md.Regulation``).
+
+``variant="released"`` reproduces the authors' public code (GeWu-Lab/OGM-GE_CVPR2022, ``main.py``):
+
+- unimodal logits from the head's own linear layer instead of "other modalities at baseline":
+  ``concat`` head ``W_m f_m + b / M`` (the released code: ``b / 2``), a per-modality linear head
+  ``fc_m(f_m)`` with its own full bias (the released ``SumFusion``, modaldiag's ``late`` head);
+  any other head has no released definition and is refused (ValueError);
+- the window is inclusive, ``[start_epoch, end_epoch]``;
+- only 4-D (convolution) gradients are modulated and noised (``conv_only=True``);
+- an exact tie between two modalities modulates the first one (the released ``else`` branch).
 """
 
 from __future__ import annotations
@@ -21,10 +31,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..models.fusion import ConcatFusion, LateFusion
 from ..probes.unimodal import ogm_ratio
-from ..utils.validation import BOOL, NON_NEGATIVE, NON_NEGATIVE_INT, as_plain_int
+from ..utils.validation import BOOL, NON_NEGATIVE, NON_NEGATIVE_INT, Options, as_plain_int
 from .base import (
     EPOCH_END,
     SEED,
@@ -34,19 +46,73 @@ from .base import (
     true_class_prob_sums,
 )
 
-__all__ = ["OGM", "ogm_coefficients"]
+__all__ = ["OGM", "ogm_coefficients", "released_unimodal_logits", "check_released_head"]
+
+VARIANT = Options("paper", "released")
 
 
-def ogm_coefficients(scores: dict[str, float], alpha: float) -> tuple[dict[str, float], dict[str, float]]:
-    """``(k, rho)``: ``k_m = 1 - tanh(alpha * rho_m)`` where ``rho_m > 1``, else 1."""
+def ogm_coefficients(scores: dict[str, float], alpha: float,
+                     variant: str = "paper") -> tuple[dict[str, float], dict[str, float]]:
+    """``(k, rho)``: ``k_m = 1 - tanh(alpha * rho_m)`` where ``rho_m > 1``, else 1.
+
+    ``variant="released"`` differs only at an exact two-modality tie (``rho = 1``): the released
+    code's ``if rho_2 > 1 ... else`` modulates the first modality there, with ``1 - tanh(alpha)``.
+    """
     rho = ogm_ratio(scores)
     k = {m: (1.0 - math.tanh(alpha * r)) if r > 1 else 1.0 for m, r in rho.items()}
+    if variant == "released" and len(rho) == 2:
+        first, second = rho
+        if not rho[second] > 1:
+            k[first], k[second] = 1.0 - math.tanh(alpha * max(0.0, rho[first])), 1.0
     return k, rho
+
+
+def check_released_head(model, owner: str) -> None:
+    """Raise unless the model's head has the released code's unimodal-logit definition."""
+    fusion = getattr(model, "fusion", None)
+    if isinstance(fusion, (ConcatFusion, LateFusion)):
+        return
+    kind = getattr(model, "fusion_type", type(fusion).__name__ if fusion is not None else "custom")
+    raise ValueError(
+        f"{owner}(variant='released') needs the released code's unimodal logits, which exist only "
+        f"for a linear concat head (W_m f_m + b/M) and a per-modality linear head summed "
+        f"(fc_m(f_m), fusion='late', the released SumFusion); this model's head is {kind!r}, "
+        "where the released code defines none (its film/gated branches reuse the fused logits). "
+        f"Use {owner}(variant='paper'), whose unimodal logits (other modalities at their baseline) "
+        "exist for every head.")
+
+
+def released_unimodal_logits(model, features) -> dict[str, torch.Tensor]:
+    """The released code's unimodal logits (no grad): ``W_m f_m + b/M`` (concat), ``fc_m(f_m)``
+    (per-modality linear heads, ``late``). Raises ValueError for any other head."""
+    check_released_head(model, "OGM/OPM")
+    fusion = model.fusion
+    with torch.no_grad():
+        if isinstance(fusion, LateFusion):
+            return {m: fusion.heads[m](features[m].detach()) for m in fusion.modalities}
+        dims = [fusion.feature_dims[m] for m in fusion.modalities]
+        weights = fusion.fc.weight.detach().split(dims, dim=1)
+        bias = fusion.fc.bias
+        share = bias.detach() / len(dims) if bias is not None else 0.0
+        return {m: features[m].detach().to(w.dtype) @ w.T + share
+                for m, w in zip(fusion.modalities, weights, strict=True)}
+
+
+def released_score_sums(model, features, labels) -> torch.Tensor:
+    """``(M,)`` batch sums of the true-class softmax of the released unimodal logits."""
+    uni = released_unimodal_logits(model, features)
+    return torch.stack([F.softmax(uni[m].float(), 1).gather(1, labels[:, None]).sum()
+                        for m in model.modalities])
 
 
 def _conv_weights(encoder: nn.Module) -> list[nn.Parameter]:
     return [mod.weight for mod in encoder.modules()
             if isinstance(mod, nn.modules.conv._ConvNd) and mod.weight.requires_grad]
+
+
+def _four_d(encoder: nn.Module) -> list[nn.Parameter]:
+    """The released rule: every encoder parameter whose gradient is 4-D."""
+    return [p for p in encoder.parameters() if p.requires_grad and p.dim() == 4]
 
 
 class OGM(Regulator):
@@ -61,31 +127,54 @@ class OGM(Regulator):
         True: OGM-GE (generalisation enhancement noise on all encoders).
     start_epoch : int >= 0, default 0
     end_epoch : int > start_epoch, optional
-        Modulate during epochs ``[start_epoch, end_epoch)`` (``end_epoch=None``: to the end).
-    conv_only : bool, default False
-        Modulate only convolution weights (the released code's 4-D-gradient rule).
+        Modulate during epochs ``[start_epoch, end_epoch)`` (``end_epoch=None``: to the end);
+        ``variant="released"``: ``[start_epoch, end_epoch]``, end included, as released.
+    conv_only : bool, optional
+        Modulate only convolution weights (the released code's 4-D-gradient rule). Default: False
+        for ``variant="paper"``, True (4-D gradients) for ``variant="released"`` (False refused).
     seed : int >= 0, default 0
         Seed of the GE noise. The noise of optimizer step ``t`` is drawn from a generator seeded
         with ``(seed, t)``: different at every step, identical on every DDP rank, and the same in
         ``md.fit``, a plain loop and Lightning.
+    variant : {"paper", "released"}, default "paper"
+        "released": the authors' public code — released unimodal logits (``concat``:
+        ``W_m f_m + b/M``; ``late``: ``fc_m(f_m)``; other heads refused), inclusive window, 4-D
+        gradients only, first modality modulated at an exact tie.
     """
 
     needs_unimodal_logits = True
     conflicts = ("MMPareto",)
     _parameter_constraints = {"alpha": [NON_NEGATIVE], "noise": [BOOL],
                               "start_epoch": [NON_NEGATIVE_INT], "end_epoch": EPOCH_END,
-                              "conv_only": [BOOL], "seed": [SEED]}
+                              "conv_only": [BOOL, None], "seed": [SEED], "variant": [VARIANT]}
 
     def __init__(self, alpha: float = 0.8, noise: bool = False, *, start_epoch: int = 0,
-                 end_epoch: int | None = None, conv_only: bool = False, seed: int = 0):
+                 end_epoch: int | None = None, conv_only: bool | None = None, seed: int = 0,
+                 variant: str = "paper"):
         start_epoch, end_epoch, seed = (as_plain_int(v) for v in (start_epoch, end_epoch, seed))
         self._validate(alpha=alpha, noise=noise, start_epoch=start_epoch, end_epoch=end_epoch,
-                       conv_only=conv_only, seed=seed)
-        check_epoch_range("OGM", start_epoch, end_epoch)
+                       conv_only=conv_only, seed=seed, variant=variant)
+        if variant == "released":
+            if conv_only is False:
+                raise ValueError("OGM(variant='released') modulates only 4-D (convolution) "
+                                 "gradients, as the released code does; conv_only=False "
+                                 "contradicts it. Use variant='paper' to modulate every encoder "
+                                 "parameter.")
+            if end_epoch is not None and end_epoch < start_epoch:
+                raise ValueError(f"OGM: end_epoch must be >= start_epoch for variant='released' "
+                                 f"(the window is [start_epoch, end_epoch], end included); got "
+                                 f"start_epoch={start_epoch}, end_epoch={end_epoch}.")
+            conv_only = True
+        else:
+            check_epoch_range("OGM", start_epoch, end_epoch)
+            conv_only = bool(conv_only)
+        self.variant = variant
         super().__init__()
         self.alpha, self.noise = float(alpha), noise
         self.start_epoch, self.end_epoch = start_epoch, end_epoch
         self.conv_only, self.seed = conv_only, seed
+        if variant == "released":  # the released logits come from the features, not the head
+            self.needs_unimodal_logits = False
 
     def reset(self) -> None:
         """Forget the accumulated scores and the last coefficients (a fresh run)."""
@@ -95,19 +184,31 @@ class OGM(Regulator):
 
     def config(self) -> dict:
         return {"alpha": self.alpha, "noise": self.noise, "start_epoch": self.start_epoch,
-                "end_epoch": self.end_epoch, "conv_only": self.conv_only}
+                "end_epoch": self.end_epoch, "conv_only": self.conv_only, "variant": self.variant}
 
     def active(self, epoch: int) -> bool:
+        if self.variant == "released":  # `modulation_starts <= epoch <= modulation_ends`
+            return epoch >= self.start_epoch and (self.end_epoch is None or epoch <= self.end_epoch)
         return epoch >= self.start_epoch and (self.end_epoch is None or epoch < self.end_epoch)
+
+    def on_fit_start(self, ctx) -> None:
+        if self.variant == "released":
+            check_released_head(ctx.model, "OGM")
+        super().on_fit_start(ctx)
 
     @torch.no_grad()
     def on_after_forward(self, ctx) -> None:
         labels = ctx.labels
-        s = true_class_prob_sums(ctx.unimodal_logits, labels, ctx.model.modalities)
+        if self.variant == "released":
+            s = released_score_sums(ctx.model, ctx.features, labels)
+        else:
+            s = true_class_prob_sums(ctx.unimodal_logits, labels, ctx.model.modalities)
         # accumulated until the optimizer step (gradient accumulation sees all micro-batches)
         self._score_sums = s if self._score_sums is None else self._score_sums + s
 
     def _targets(self, model, m: str) -> list[nn.Parameter]:
+        if self.variant == "released":
+            return _four_d(model.encoders[m])
         return _conv_weights(model.encoders[m]) if self.conv_only else self.groups(model)[m]
 
     @torch.no_grad()
@@ -118,7 +219,7 @@ class OGM(Regulator):
         sums = all_reduce_sum(self._score_sums.clone())
         self._score_sums = None
         scores = {m: float(sums[i]) for i, m in enumerate(model.modalities)}
-        k, rho = ogm_coefficients(scores, self.alpha)
+        k, rho = ogm_coefficients(scores, self.alpha, self.variant)
         if not self.active(ctx.epoch):
             k = {m: 1.0 for m in k}
         self.coefficients = k

@@ -8,6 +8,12 @@ parameter moves to ``(1 - alpha_m) * theta_m + alpha_m * theta_init_m``. The hea
 running statistics and optimizer state are left alone unless ``reset_bn`` / ``reset_optimizer``.
 
 M > 2: each modality is re-initialised by its own amount; nothing is pairwise.
+
+Schedule (``schedule``): the paper form (``"paper"``) re-initialises after H, 2H, ... completed
+epochs, i.e. at the end of 0-based epochs H-1, 2H-1, ...; the authors' released code tests
+``epoch % H == 0 and epoch > 0`` on the 0-based epoch index *after* training that epoch, i.e. at the
+end of 0-based epochs H, 2H, ... (20/40/60 for H = 20) — ``schedule="released"``, set by
+``variant="released"``.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from ..probes.separability import separability
 from ..utils.validation import (
     BOOL,
     NON_NEGATIVE_INT,
+    Options,
     POSITIVE,
     POSITIVE_INT,
     Satisfies,
@@ -50,6 +57,11 @@ class Relearning(Regulator):
         Also drop the optimizer state (e.g. momentum) of the re-initialised parameters.
     seed : int >= 0, default 0
         k-means seed of the separability probe.
+    variant : {"paper", "released"}, default "paper"
+        ``"released"`` sets ``schedule="released"`` unless ``schedule`` is given explicitly.
+    schedule : {None, "paper", "released"}, default None
+        ``"paper"``: re-initialise at the end of 0-based epochs H-1, 2H-1, ...; ``"released"``:
+        at the end of 0-based epochs H, 2H, ... (the authors' code). None: from ``variant``.
 
     The initial weights, the reset count and the reset history are run state: every fresh run
     (``on_fit_start``) remembers *its* model's initial weights and starts counting from zero;
@@ -61,18 +73,22 @@ class Relearning(Regulator):
         "val_loader": [None, Satisfies(lambda v: hasattr(v, "__iter__") and not isinstance(v, str),
                                        "an iterable of (inputs, labels) batches")],
         "reset_bn": [BOOL], "reset_optimizer": [BOOL], "seed": [SEED],
+        "variant": [Options("paper", "released")], "schedule": [None, Options("paper", "released")],
     }
 
     def __init__(self, lam: float = 3.0, every: int = 20, max_resets: int = 3, *,
                  val_loader=None, reset_bn: bool = False, reset_optimizer: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, variant: str = "paper", schedule: str | None = None):
         every, max_resets, seed = (as_plain_int(v) for v in (every, max_resets, seed))
         self._validate(lam=lam, every=every, max_resets=max_resets, val_loader=val_loader,
-                       reset_bn=reset_bn, reset_optimizer=reset_optimizer, seed=seed)
+                       reset_bn=reset_bn, reset_optimizer=reset_optimizer, seed=seed,
+                       variant=variant, schedule=schedule)
         super().__init__()
         self.lam, self.every, self.max_resets = float(lam), every, max_resets
         self.val_loader, self.reset_bn, self.reset_optimizer = val_loader, reset_bn, reset_optimizer
         self.seed = seed
+        self.variant = variant
+        self.schedule = schedule if schedule is not None else variant
 
     def reset(self) -> None:
         """Forget the initial weights, the reset count and the history (a fresh run)."""
@@ -84,7 +100,8 @@ class Relearning(Regulator):
 
     def config(self) -> dict:
         return {"lam": self.lam, "every": self.every, "max_resets": self.max_resets,
-                "reset_bn": self.reset_bn, "reset_optimizer": self.reset_optimizer}
+                "reset_bn": self.reset_bn, "reset_optimizer": self.reset_optimizer,
+                "variant": self.variant, "schedule": self.schedule}
 
     def on_fit_start(self, ctx) -> None:
         super().on_fit_start(ctx)
@@ -121,9 +138,14 @@ class Relearning(Regulator):
                 for p in params:
                     optimizer.state.pop(p, None)
 
+    def is_reset_epoch(self, epoch: int) -> bool:
+        """Whether the schedule re-initialises at the end of 0-based ``epoch`` (ignoring R)."""
+        if self.schedule == "released":
+            return epoch > 0 and epoch % self.every == 0
+        return (epoch + 1) % self.every == 0
+
     def on_train_epoch_end(self, ctx) -> None:
-        done = ctx.epoch + 1
-        if done % self.every != 0 or self.resets >= self.max_resets:
+        if not self.is_reset_epoch(ctx.epoch) or self.resets >= self.max_resets:
             return
         val = self.val_loader if self.val_loader is not None else ctx.val_loader
         if val is None:

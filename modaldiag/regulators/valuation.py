@@ -2,12 +2,22 @@
 
 Sample level (``level="sample"``): after ``warmup`` epochs, every training sample is valued at the
 start of each epoch (P4, paper value function). For each modality m with ``phi_m < 1`` the sample
-gets ``round(2 * (1 - phi_m))`` extra copies in which every *other* modality is absent, so the weak
-encoder trains alone through the shared head. Modality level (``level="modality"``): a random
-subset Z (``subset`` = 20 %) is valued; ``gap_m = 1 - mean_Z phi_m``; ``ratio = alpha * (2/3) *
-spread`` where spread is ``|gap_a - gap_v|`` for two modalities and ``max_m gap_m - min_m gap_m``
-for M > 2; ``round(ratio * N)`` random samples are added, trained on the weakest modality (largest
-gap) only.
+gets extra copies in which every *other* modality is absent, so the weak encoder trains alone
+through the shared head. Paper form (``copies="round"``): ``2 * (1 - phi_m)`` "rounded as integers",
+read as round half up, ``floor(2 * (1 - phi_m) + 1/2)`` (phi = 0.75 -> 1 copy, 0.25 -> 2,
+-0.25 -> 3). Released form (``copies="bins"``, the authors' code): 1 copy if ``0.4 < phi < 0.9``,
+2 if ``-0.1 < phi < 0.4``, 3 if ``phi < -0.1``, else 0 (strict bounds, at most 3; it equals
+``2 * (1 - phi)`` on the two-modality values -0.5, 0, 0.5).
+
+Modality level (``level="modality"``): a random subset Z (``subset`` = 20 %) is valued;
+``gap_m = 1 - mean_Z phi_m``; ``ratio = alpha * (2/3) * spread`` where spread is
+``|gap_a - gap_v|`` for two modalities and ``max_m gap_m - min_m gap_m`` for M > 2;
+``n_extra`` samples drawn uniformly WITH replacement are added, trained on the weakest modality
+(largest gap) only. Paper form (``draw="paper"``): Z drawn without replacement, ``|Z| =
+max(1, round(subset * N))`` and ``n_extra = round(ratio * N)`` (round half up), a gap tie goes to
+the first modality. Released form (``draw="released"``): Z drawn WITH replacement (duplicates count
+twice in the mean), ``|Z| = max(1, int(subset * N))``, ``n_extra = int(ratio * N)`` (truncation), a
+gap tie goes to the last modality (the code's ``gap_a > gap_v`` else visual).
 
 The epoch's loader is rebuilt from indices (the dataset is never copied): it yields ordinary
 ``(inputs, labels)`` batches of original and extra entries, and the regulator applies each extra
@@ -37,10 +47,28 @@ from .base import SEED, Regulator
 __all__ = ["ValuationResampling", "extra_copies"]
 
 
-def extra_copies(values: torch.Tensor) -> torch.Tensor:
-    """``(N, M)`` extra-copy counts: ``round(2 * (1 - phi))`` where ``phi < 1``, else 0."""
-    counts = torch.round(2 * (1 - values.double()))
-    return torch.where(values < 1, counts, torch.zeros_like(counts)).clamp(min=0).long()
+def extra_copies(values: torch.Tensor, rule: str = "round") -> torch.Tensor:
+    """``(N, M)`` extra-copy counts.
+
+    ``rule="round"`` (paper): ``floor(2 * (1 - phi) + 1/2)`` (round half up) where ``phi < 1``,
+    else 0. ``rule="bins"`` (released code): 1 if ``0.4 < phi < 0.9``, 2 if ``-0.1 < phi < 0.4``,
+    3 if ``phi < -0.1``, else 0.
+    """
+    v = values.double()
+    if rule == "bins":
+        counts = torch.zeros(v.shape, dtype=torch.long)
+        counts[(v > 0.4) & (v < 0.9)] = 1
+        counts[(v > -0.1) & (v < 0.4)] = 2
+        counts[v < -0.1] = 3
+        return counts
+    if rule != "round":
+        raise ValueError(f"extra_copies: rule must be 'round' or 'bins', got {rule!r}")
+    counts = torch.floor(2 * (1 - v) + 0.5)
+    return torch.where(v < 1, counts, torch.zeros_like(counts)).clamp(min=0).long()
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
 
 
 def _dataset_and_batch_size(loader):
@@ -105,6 +133,15 @@ class ValuationResampling(Regulator):
         re-sampled copies are trained with.
     seed : int >= 0, default 0
         Seed of the epoch's shuffling and of the modality-level draws (seeded by (seed, epoch)).
+    variant : {"paper", "released"}, default "paper"
+        ``"released"`` sets ``copies="bins"`` and ``draw="released"`` (the authors' code) for the
+        finer options not given explicitly.
+    copies : {None, "round", "bins"}, default None
+        Sample-level copy counts: round half up of ``2 (1 - phi)`` (paper) or the released code's
+        bins. None: from ``variant``.
+    draw : {None, "paper", "released"}, default None
+        Modality-level draws: Z without replacement and round half up (paper), or Z with
+        replacement and ``int`` truncation (released). None: from ``variant``.
     """
 
     _parameter_constraints = {
@@ -114,18 +151,25 @@ class ValuationResampling(Regulator):
                   Satisfies(callable, "a callable (logits (K, B, C), labels (B,), sizes (K,)) "
                                       "-> values (K, B)")],
         "baseline": [None, Options("zero", "mean")], "seed": [SEED],
+        "variant": [Options("paper", "released")], "copies": [None, Options("round", "bins")],
+        "draw": [None, Options("paper", "released")],
     }
 
     def __init__(self, level: str = "sample", *, warmup: int = 5, alpha: float = 1.0,
                  subset: float = 0.2, value: str = "paper", baseline: str | None = None,
-                 seed: int = 0):
+                 seed: int = 0, variant: str = "paper", copies: str | None = None,
+                 draw: str | None = None):
         warmup, seed = as_plain_int(warmup), as_plain_int(seed)
         self._validate(level=level, warmup=warmup, alpha=alpha, subset=subset, value=value,
-                       baseline=baseline, seed=seed)
+                       baseline=baseline, seed=seed, variant=variant, copies=copies, draw=draw)
         super().__init__()
         self.level = level
         self.warmup, self.alpha, self.subset = warmup, float(alpha), float(subset)
         self.value, self.baseline, self.seed = value, baseline, seed
+        self.variant = variant
+        released = variant == "released"
+        self.copies = copies if copies is not None else ("bins" if released else "round")
+        self.draw = draw if draw is not None else ("released" if released else "paper")
 
     def reset(self) -> None:
         """Forget the pending presence mask and the last counts (a fresh run)."""
@@ -135,7 +179,8 @@ class ValuationResampling(Regulator):
 
     def config(self) -> dict:
         return {"level": self.level, "warmup": self.warmup, "alpha": self.alpha,
-                "subset": self.subset, "value": self.value}
+                "subset": self.subset, "value": self.value, "variant": self.variant,
+                "copies": self.copies, "draw": self.draw}
 
     def _value(self, model, dataset, indices: torch.Tensor, batch_size: int) -> torch.Tensor:
         """Shapley values ``(len(indices), M)`` of the given samples, identical on every rank.
@@ -165,7 +210,7 @@ class ValuationResampling(Regulator):
         full = torch.ones(n, m, dtype=torch.bool)
         if self.level == "sample":
             values = self._value(model, dataset, base_idx, batch_size)
-            counts = extra_copies(values)  # (N, M)
+            counts = extra_copies(values, self.copies)  # (N, M)
             extra_idx, extra_masks = [], []
             for j in range(m):
                 reps = counts[:, j]
@@ -178,15 +223,25 @@ class ValuationResampling(Regulator):
             self.record_epoch("mean_phi", {mod: float(values[:, j].mean())
                                            for j, mod in enumerate(model.modalities)})
         else:
-            k = max(1, int(round(self.subset * n)))
-            z = torch.randperm(n, generator=gen)[:k].sort().values
-            values = self._value(model, dataset, z, batch_size)
-            gaps = {mod: 1.0 - float(values[:, j].mean()) for j, mod in enumerate(model.modalities)}
+            released = self.draw == "released"
+            if released:  # with replacement, int(): np.random.choice(N, int(N * part_ratio))
+                k = max(1, int(self.subset * n))
+                z = torch.randint(0, n, (k,), generator=gen)
+                unique, inverse = torch.unique(z, return_inverse=True)
+                values = self._value(model, dataset, unique, batch_size)[inverse]
+            else:
+                k = max(1, _round_half_up(self.subset * n))
+                z = torch.randperm(n, generator=gen)[:k].sort().values
+                values = self._value(model, dataset, z, batch_size)
+            gaps = {mod: 1.0 - float(values[:, j].double().mean())
+                    for j, mod in enumerate(model.modalities)}
             spread = max(gaps.values()) - min(gaps.values())
             ratio = self.alpha * (2.0 / 3.0) * spread
-            weakest = max(gaps, key=gaps.get)
+            top = max(gaps.values())
+            ties = [mod for mod in model.modalities if gaps[mod] == top]
+            weakest = ties[-1] if released else ties[0]
             j = model.modalities.index(weakest)
-            n_extra = int(round(ratio * n))
+            n_extra = int(ratio * n) if released else _round_half_up(ratio * n)
             idx = torch.randint(0, n, (n_extra,), generator=gen)
             mask = torch.zeros(n_extra, m, dtype=torch.bool)
             mask[:, j] = True

@@ -2,8 +2,12 @@
 
 Every rank sees different data (md.fit shards a Dataset with a DistributedSampler; the probes get
 disjoint shards). For each regulator: train, then the maximum absolute difference of the
-parameters between ranks. Then the distributed probe results, for the test to compare with one
-process on the union of the shards.
+parameters between ranks, and the coefficients themselves: every step's public coefficient
+state (OGM k, OPM drop mask, InfoReg alpha / window, ...) and every epoch's logged regulator
+values (epoch means of q, rho, alpha, delta, scores, traces, valuation counts, ...) gathered from
+both ranks and compared (DDP averages gradients anyway, so equal weights cannot show that the
+forward-side statistics were all-reduced). Then the distributed probe results, for the test to
+compare with one process on the union of the shards.
 """
 
 import json
@@ -36,6 +40,59 @@ def shard(dataset, rank, world):
     return dataset.subset(list(range(rank, len(dataset), world)))
 
 
+class Snapshot(md.training.Callback):
+    """After every optimizer step: the regulator's public per-step coefficients and a digest of
+    this rank's batch (to prove the ranks saw different data)."""
+
+    def __init__(self, reg):
+        self.reg, self.steps = reg, []
+
+    def on_train_batch_end(self, ctx) -> None:
+        reg, snap = self.reg, {}
+        if isinstance(reg, md.OGM):
+            snap["k"] = dict(reg.coefficients)
+        if isinstance(reg, md.OPM):
+            snap["mask"] = None if reg.last_mask is None else reg.last_mask.int().tolist()
+        if isinstance(reg, md.InfoReg):
+            snap["alpha"] = dict(reg._alpha)
+            snap["window"] = dict(reg.window)
+        self.steps.append({"coef": snap, "data": float(ctx.labels.double().sum()
+                                                       + ctx.inputs["a"].double().sum())})
+
+
+def _leaves(obj, path=""):
+    """Flatten nested dicts/lists into (path, value) pairs."""
+    if isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from _leaves(obj[k], f"{path}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _leaves(v, f"{path}[{i}]")
+    else:
+        yield path, obj
+
+
+def coefficient_mismatch(mine) -> list[str]:
+    """Gather ``mine`` from every rank; the paths whose values differ from rank 0's."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    ref = dict(_leaves(gathered[0]))
+    bad = []
+    for other in gathered[1:]:
+        got = dict(_leaves(other))
+        if set(got) != set(ref):
+            bad.append(f"structure differs: {sorted(set(got) ^ set(ref))[:5]}")
+            continue
+        for k, v in ref.items():
+            w = got[k]
+            if isinstance(v, float) and isinstance(w, float):
+                if abs(v - w) > 1e-6 * max(1.0, abs(v)):
+                    bad.append(f"{k}: {v} vs {w}")
+            elif v != w:
+                bad.append(f"{k}: {v!r} vs {w!r}")
+    return bad
+
+
 def max_param_diff(model) -> float:
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
@@ -52,10 +109,26 @@ def main(out: str) -> None:
     for name, make in REGULATORS.items():
         torch.manual_seed(rank)  # different initial weights per rank: DDP must broadcast rank 0's
         model = md.models.default_model(d, feature_dim=8)
+        reg = make()
+        snap = Snapshot(reg)
         hist = md.fit(model, d.train, val_loader=shard(d.val, rank, world).loader(64), epochs=3,
-                      regulator=make(), batch_size=32, seed=0, progress=False, restore_best=False)
-        results["regulators"][name] = {"max_param_diff": max_param_diff(model),
-                                       "train_n": hist[-1]["train"]["n"]}
+                      regulator=reg, batch_size=32, seed=0, progress=False, restore_best=False,
+                      callbacks=[snap])
+        logged = [rec.get("regulator", {}) for rec in hist]
+        steps = [s["coef"] for s in snap.steps]
+        data_digest = [s["data"] for s in snap.steps]
+        gathered = [None] * world
+        dist.all_gather_object(gathered, data_digest)
+        results["regulators"][name] = {
+            "max_param_diff": max_param_diff(model),
+            "train_n": hist[-1]["train"]["n"],
+            "n_steps": len(steps),
+            "data_differs": all(a != b for a, b in zip(gathered[0], gathered[1], strict=True)),
+            "coefficient_mismatch": coefficient_mismatch({"steps": steps, "logged": logged}),
+            "logged_keys": sorted({k for rec in logged for k in rec}),
+            "steps": steps if rank == 0 else None,
+            "logged": logged,
+        }
     # probes on disjoint shards
     torch.manual_seed(0)
     model = md.models.default_model(d, feature_dim=8)
