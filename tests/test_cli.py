@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from modaldiag.cli import main
-from modaldiag.runs import METHODS
+from modaldiag.probes import evaluate
+from modaldiag.runs import METHODS, load_run
 
 
 def _no_partial(folder):
@@ -36,7 +37,18 @@ def test_train_every_method(tmp_path, method):
     assert main(["train", "--dataset", "mfeat-fou-pix", "--method", method, "--epochs", "2",
                  "--out", str(out), "--quiet"]) == 0
     run = json.loads((out / "run.json").read_text())
-    assert run["method"] == method and 0 < run["test_acc"] <= 1
+    assert run["method"] == method
+    # the recorded scores are those of the saved model on the TEST split (not val, not train)
+    loaded = load_run(out)
+    data = loaded.data()
+    test = evaluate(loaded.model(data), data.test.loader(512))
+    assert run["test_acc"] == pytest.approx(test.accuracy, abs=1e-12)
+    assert run["test_unimodal_acc"] == pytest.approx({m: s.accuracy for m, s in test.unimodal.items()},
+                                                     abs=1e-12)
+    assert run["test_acc"] > 0.5  # 10 balanced classes: chance is 0.1
+    # best_epoch is the first epoch of highest validation accuracy (restored before saving)
+    val = [rec["val"]["acc"] for rec in json.loads((out / "history.json").read_text())["epochs"]]
+    assert len(val) == 2 and run["best_epoch"] == val.index(max(val))
     assert {"history.json", "model.pt", "unimodal_accuracy.png", "learning_window.svg"} <= {
         p.name for p in out.iterdir()}
 

@@ -48,6 +48,41 @@ def test_every_regulator_keeps_replicas_identical(ddp_results):
         assert rec["train_n"] > 0
 
 
+#: what each regulator must log (its coefficients), compared across ranks by the worker
+LOGGED = {
+    "joint": set(),
+    "InfoReg": {"alpha", "delta", "score", "trace", "window_open", "window_rho"},
+    "InfoReg*": {"alpha", "delta", "score", "trace", "window_open", "window_rho"},
+    "Relearning": {"alpha", "gap", "resets"},
+    "OGM-GE": {"coefficient", "rho"},
+    "OPM": {"q", "rho"},
+    "MMPareto": {"cosine", "w_multimodal"},
+    "Valuation (sample)": {"extra_copies", "mean_phi"},
+    "Valuation (modality)": {"extra_copies", "gap", "ratio"},
+}
+
+
+def test_every_regulator_derives_identical_coefficients_on_every_rank(ddp_results):
+    """Each rank trains on its own shard (the batch digests differ at every step), yet every
+    per-step coefficient (OGM k, OPM drop mask, InfoReg alpha and window) and every logged epoch
+    value (q, rho, alpha, delta, scores, traces, gaps, valuation counts) is the same on both."""
+    results, _ = ddp_results
+    assert set(results["regulators"]) == set(LOGGED)
+    for name, rec in results["regulators"].items():
+        assert rec["data_differs"], name  # really different data on the two ranks
+        assert rec["coefficient_mismatch"] == [], (name, rec["coefficient_mismatch"][:5])
+        assert set(rec["logged_keys"]) >= LOGGED[name], (name, rec["logged_keys"])
+    regs = results["regulators"]
+    # the compared coefficients are not trivial: something was actually modulated
+    ogm = [s["k"] for s in regs["OGM-GE"]["steps"]]
+    assert len(ogm) == regs["OGM-GE"]["n_steps"] > 0 and any(min(k.values()) < 1 for k in ogm)
+    masks = [s["mask"] for s in regs["OPM"]["steps"] if s["mask"] is not None]
+    assert masks and any(0 < sum(m) < len(m) for m in masks)
+    assert any(s["alpha"] for s in regs["InfoReg*"]["steps"])
+    assert any(rec["resets"] for rec in regs["Relearning"]["logged"] if rec)
+    assert any(sum(rec.get("extra_copies", {}).values()) for rec in regs["Valuation (sample)"]["logged"])
+
+
 def test_distributed_probes_equal_single_process_on_the_union(ddp_results):
     results, out = ddp_results
     import importlib.util

@@ -284,7 +284,7 @@ def test_mmpareto_step_matches_manual_per_encoder_combination():
 def test_resampling_counts_equal_two_times_one_minus_phi():
     phi = torch.tensor([[1.5, 0.5], [0.0, 2.0], [1.0, 1.0], [-0.5, 0.75]], dtype=torch.float64)
     counts = extra_copies(phi)
-    assert counts.tolist() == [[0, 1], [2, 0], [0, 0], [3, 0]]  # round(2 * .25) = round(.5) = 0
+    assert counts.tolist() == [[0, 1], [2, 0], [0, 0], [3, 1]]  # round half up: 2 * .25 = .5 -> 1
 
 
 def test_sample_level_plan_uses_valuation_and_never_copies_data(synth):
@@ -344,10 +344,27 @@ def test_composition_rules(synth):
 def test_every_regulator_trains_three_modalities(make):
     data = md.datasets.synthetic(n_samples=300, num_classes=3,
                                  strength={"a": 2.0, "b": 1.0, "c": 0.3}, dims=8, seed=1)
-    model = md.models.default_model(data, fusion="gated", feature_dim=8)
-    hist = md.fit(model, data.train.loader(32, shuffle=True), data.val.loader(64), epochs=3,
-                  regulator=make(), progress=False)
+
+    def train(reg):
+        torch.manual_seed(0)
+        model = md.models.default_model(data, fusion="gated", feature_dim=8)
+        hist = md.fit(model, data.train.loader(32, shuffle=True), data.val.loader(64), epochs=3,
+                      regulator=reg, progress=False, seed=0)
+        return model, hist
+
+    reg = make()
+    model, hist = train(reg)
+    joint, _ = train(None)
     assert len(hist) == 3 and all(torch.isfinite(p).all() for p in model.parameters())
+    # the regulator acted: same seed, data and budget, yet other weights than joint training
+    diff = max(float((p - q).detach().abs().max()) for p, q in zip(model.parameters(), joint.parameters(),
+                                                          strict=True))
+    assert diff > 1e-4, type(reg).__name__
+    # and it logged a coefficient for each of the three modalities
+    logs = [rec["regulator"] for rec in hist if "regulator" in rec]
+    assert logs
+    per_modality = [v for rec in logs for v in rec.values() if isinstance(v, dict)]
+    assert per_modality and all(set(v) == {"a", "b", "c"} for v in per_modality)
 
 
 # ---------------------------------------------------------------- plain loop, resume

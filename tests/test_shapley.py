@@ -228,7 +228,13 @@ def test_result_object_and_shap_plots(synth):
     assert set(sv.mean()) == {"a", "b"} and sv.dominant == "a"
     share = sv.low_contribution_share()
     assert share["b"] > share["a"]
-    assert 0 <= sv.imbalance_degree() <= 1
+    pa, pb = float(sv.values[:, 0].mean()), float(sv.values[:, 1].mean())
+    assert sv.imbalance_degree() == pytest.approx(abs(pa - pb) / (abs(pa) + abs(pb)), rel=1e-12)
+    full = sv.full_value.unsqueeze(1) / 2
+    assert share == pytest.approx({m: float((sv.values[:, j] < full[:, 0]).double().mean())
+                                   for j, m in enumerate(("a", "b"))}, rel=1e-12)
+    per_class = sv.per_class()
+    assert per_class[0]["a"] == pytest.approx(float(sv.values[sv.labels == 0, 0].mean()), rel=1e-12)
     sub = sv[sv.labels == 0]
     assert len(sub) == int((sv.labels == 0).sum())
     expl = sv.to_shap()

@@ -8,7 +8,8 @@ epoch t is taken at its start, from the traces of epochs < t.
   open. With ``sticky=True`` (default) the window is one interval: once it closes it stays closed.
 - ``"code"``: the released code: the trace list is pre-filled with 10 zeros, the growth is taken
   between 10-epoch moving averages, K = 0.05, and only the *first* modality's trace decides (the
-  same decision for every modality). The zeros keep the window open for epochs 0..10.
+  same decision for every modality). The zeros keep a flat or rising trace's window open for
+  epochs 0..10; a fast-falling trace can close it sooner (``0.5**t`` closes at epoch 5).
 - ``"robust"`` (ours, not in the paper): for t >= 2, ``b_m`` is the Theil-Sen slope (median of the
   pairwise slopes) of ``log Tr`` over the last ``min(span, t)`` epochs ``t-span .. t-1``, reported on
   the paper's scale as ``rho_m = 1 - exp(-b_m)`` (equal to the paper's rho when the trace grows
@@ -29,7 +30,6 @@ __all__ = ["LearningWindow", "learning_window", "window_state", "growth_ratio"]
 DEFAULT_K = {"paper": 0.04, "code": 0.05, "robust": 0.04}
 CODE_WINDOW = 10
 ROBUST_SPAN = 5
-ROBUST_OPEN_FACTOR = 2.0
 _PARAMETER_CONSTRAINTS = {"rule": [Options("paper", "code", "robust")],
                           "K": [None, Interval(None, None)], "K_open": [None, Interval(None, None)],
                           "span": [Interval(2, None, integer=True)], "sticky": [BOOL],
@@ -79,7 +79,7 @@ def _resolve(rule: str, K, K_open, owner: str) -> tuple[float, float | None]:
     K = DEFAULT_K[rule] if K is None else float(K)
     if rule != "robust":
         return K, None
-    K_open = ROBUST_OPEN_FACTOR * abs(K) if K_open is None else float(K_open)
+    K_open = K + abs(K) if K_open is None else float(K_open)
     if K_open < K:
         raise ValueError(f"{owner}: K_open must be >= K (the window reopens only above K_open and "
                          f"closes at or below K); got K_open={K_open:g} < K={K:g}.")
@@ -109,8 +109,8 @@ def window_state(traces: Mapping[str, Sequence[float]], epoch: int, *, rule: str
         Once closed, stay closed ("paper" and "code"). The robust rule ignores it: its hysteresis
         decides whether a closed window reopens.
     K_open : float, optional
-        Robust rule only: a closed window reopens when rho > K_open; default ``2 * K``. Must be
-        >= K (K_open = K switches the hysteresis off).
+        Robust rule only: a closed window reopens when rho > K_open; default ``K + |K|`` (2K).
+        Must be >= K (K_open = K switches the hysteresis off).
     span : int >= 2, default 5
         Robust rule only: the number of past epochs in the slope fit.
 
@@ -242,7 +242,8 @@ def learning_window(traces, *, rule: str = "paper", K: float | None = None,
         The window is a single interval from epoch 0 (paper rule only; the code rule re-evaluates
         every epoch, as released, and the robust rule reopens through its hysteresis).
     K_open : float, optional
-        Robust rule: a closed window reopens when rho > K_open; default ``2 * K``; must be >= K.
+        Robust rule: a closed window reopens when rho > K_open; default ``K + |K|`` (2K); must
+        be >= K.
     span : int >= 2, default 5
         Robust rule: number of past epochs in the slope fit.
 

@@ -26,9 +26,9 @@ from ..probes.separability import separability
 from ..utils.validation import (
     BOOL,
     NON_NEGATIVE_INT,
-    Options,
     POSITIVE,
     POSITIVE_INT,
+    Options,
     Satisfies,
     as_plain_int,
 )

@@ -54,15 +54,16 @@ def extra_copies(values: torch.Tensor, rule: str = "round") -> torch.Tensor:
     else 0. ``rule="bins"`` (released code): 1 if ``0.4 < phi < 0.9``, 2 if ``-0.1 < phi < 0.4``,
     3 if ``phi < -0.1``, else 0.
     """
-    v = values.double()
-    if rule == "bins":
-        counts = torch.zeros(v.shape, dtype=torch.long)
+    if rule == "bins":  # compared in the values' own precision (float32 0.9 is not < 0.9)
+        v = values if values.is_floating_point() else values.double()
+        counts = torch.zeros(v.shape, dtype=torch.long, device=v.device)
         counts[(v > 0.4) & (v < 0.9)] = 1
         counts[(v > -0.1) & (v < 0.4)] = 2
         counts[v < -0.1] = 3
         return counts
     if rule != "round":
         raise ValueError(f"extra_copies: rule must be 'round' or 'bins', got {rule!r}")
+    v = values.double()
     counts = torch.floor(2 * (1 - v) + 0.5)
     return torch.where(v < 1, counts, torch.zeros_like(counts)).clamp(min=0).long()
 
@@ -233,10 +234,14 @@ class ValuationResampling(Regulator):
                 k = max(1, _round_half_up(self.subset * n))
                 z = torch.randperm(n, generator=gen)[:k].sort().values
                 values = self._value(model, dataset, z, batch_size)
-            gaps = {mod: 1.0 - float(values[:, j].double().mean())
-                    for j, mod in enumerate(model.modalities)}
+            if released:  # the code sums Python floats (double precision)
+                values = values.double()
+            gaps = {mod: 1.0 - float(values[:, j].mean()) for j, mod in enumerate(model.modalities)}
             spread = max(gaps.values()) - min(gaps.values())
-            ratio = self.alpha * (2.0 / 3.0) * spread
+            if released:  # the code's order of operations: |gap_a - gap_v| / 3 * 2 * alpha
+                ratio = spread / 3 * 2 * self.alpha
+            else:
+                ratio = self.alpha * (2.0 / 3.0) * spread
             top = max(gaps.values())
             ties = [mod for mod in model.modalities if gaps[mod] == top]
             weakest = ties[-1] if released else ties[0]
@@ -249,6 +254,7 @@ class ValuationResampling(Regulator):
             self.last_counts = {mod: (n_extra if mod == weakest else 0) for mod in model.modalities}
             self.record_epoch("gap", gaps)
             self.record_epoch("ratio", ratio)
+            self.record_epoch("subset_size", k)
         entries = torch.cat([base_idx, *extra_idx])
         masks = torch.cat([full, *extra_masks])
         self.record_epoch("extra_copies", dict(self.last_counts))
