@@ -102,7 +102,7 @@ def test_inforeg_penalty_gradient_on_dominant_encoder_only():
     torch.manual_seed(0)
     model = make_model(3, "late")
     x, y = make_inputs(model, batch=10), torch.arange(10) % 3
-    reg = md.InfoReg(beta=0.9)
+    reg = md.InfoReg(beta=0.9, multi="leaders")
     ctx = _ctx(model, x, y)
     reg.on_train_epoch_start(ctx)  # anchors = current weights, window open (epoch 0)
     with torch.no_grad():  # move the weights away from the anchors

@@ -416,3 +416,34 @@ def test_released_variants_run_in_fit_and_refuse_film_there():
     for bad in (md.OGM(variant="released"), md.OPM(variant="released")):
         with pytest.raises(ValueError, match="film"):
             md.fit(film, data.train.loader(40), epochs=1, regulator=bad, progress=False)
+
+
+def _opm_plan_for_scores(scores):
+    """Drop probabilities of the paper form for given true-class probability sums (M = 3)."""
+    reg = md.OPM()
+    names = list(scores)
+
+    class Uni:
+        modalities = tuple(names)
+
+        def unimodal_logits(self, features):
+            return features
+
+    labels = torch.zeros(1, dtype=torch.long)
+    # logits whose softmax true-class probability is exactly s: [log s, log(1 - s)]
+    feats = {m: torch.tensor([[math.log(s), math.log(1 - s)]]) for m, s in scores.items()}
+    q, rho = reg.drop_probabilities(Uni(), feats, labels)
+    return q, rho
+
+
+def test_opm_paper_m3_leaders_are_continuous_and_m2_is_the_paper():
+    q1, _ = _opm_plan_for_scores({"a": 0.60, "b": 0.59, "c": 0.10})
+    q2, _ = _opm_plan_for_scores({"a": 0.59, "b": 0.60, "c": 0.10})
+    assert q1["a"] == pytest.approx(0.657, abs=1e-3) and q1["b"] == pytest.approx(0.649, abs=1e-3)
+    assert q1["c"] == 0.0
+    # a 0.01 swap of the two leaders moves each q by < 0.01 (it used to jump 0.657 -> 0)
+    assert abs(q1["a"] - q2["a"]) < 0.01 and abs(q1["b"] - q2["b"]) < 0.01
+    # M = 2: only the dominant modality has q > 0, equal to the paper's formula
+    q, rho = _opm_plan_for_scores({"a": 0.8, "b": 0.4})
+    assert q["b"] == 0.0
+    assert q["a"] == pytest.approx(md.regulators.opm_drop_probability(rho["a"], 0.5, 0.5), rel=1e-6)

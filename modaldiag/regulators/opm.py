@@ -110,6 +110,7 @@ class OPM(Regulator):
         """Forget the last drop mask (a fresh run)."""
         super().reset()
         self.last_mask: torch.Tensor | None = None
+        self.last_masks: dict[str, torch.Tensor] = {}
         self.last_theta: float | None = None
 
     def config(self) -> dict:
@@ -157,41 +158,57 @@ class OPM(Regulator):
         return out
 
     @torch.no_grad()
-    def drop_plan(self, model, features, labels) -> tuple[str | None, float, dict[str, float]]:
-        """The modality to drop, its drop probability q, and the ratios rho."""
+    def drop_probabilities(self, model, features, labels) -> tuple[dict[str, float], dict[str, float]]:
+        """Per-modality drop probabilities ``q_m`` and the ratios ``rho_m`` (paper rule).
+
+        ``q_m = clip(q_base * (1 + lam * tanh(relu(rho_m - 1))), 0, 1)`` for every modality with
+        ``rho_m > 1``, else 0. At M = 2 only the dominant modality has ``rho > 1`` (the paper);
+        for M > 2 every leading modality is dropped by its own q, so the plan is continuous in the
+        scores apart from the paper's own step at ``rho = 1`` (no jump when two leaders swap).
+        """
         uni = model.unimodal_logits(features)
         s = true_class_prob_sums(uni, labels, model.modalities)
         s = all_reduce_sum(s)
         scores = {m: float(s[i]) for i, m in enumerate(model.modalities)}
         rho = ogm_ratio(scores)
+        q = {m: (opm_drop_probability(r, self.q_base, self.lam) if r > 1 else 0.0)
+             for m, r in rho.items()}
+        return q, rho
+
+    def drop_plan(self, model, features, labels) -> tuple[str | None, float, dict[str, float]]:
+        """The most dominant modality, its drop probability q, and the ratios rho."""
+        q, rho = self.drop_probabilities(model, features, labels)
         dominant = max(rho, key=rho.get)
         if rho[dominant] <= 1:
             return None, 0.0, rho
-        return dominant, opm_drop_probability(rho[dominant], self.q_base, self.lam), rho
+        return dominant, q[dominant], rho
 
     def transform_features(self, features, ctx):
         epoch = ctx.epoch
-        self.last_mask, self.last_theta = None, None
+        self.last_mask, self.last_theta, self.last_masks = None, None, {}
         if epoch < self.start_epoch or (self.end_epoch is not None and epoch >= self.end_epoch):
             return features
         if self.variant == "released":
             return self._released_transform(features, ctx)
         model = ctx.model
-        dominant, q, rho = self.drop_plan(model, {m: f.detach() for m, f in features.items()},
-                                          ctx.labels)
+        q, rho = self.drop_probabilities(model, {m: f.detach() for m, f in features.items()},
+                                         ctx.labels)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + ctx.step)
         execute = bool(torch.rand((), generator=gen) < self.p_exe)
-        self.record("q", {m: (q if m == dominant and execute else 0.0) for m in model.modalities})
+        self.record("q", {m: (q[m] if execute else 0.0) for m in model.modalities})
         self.record("rho", rho)
-        if dominant is None or not execute or q <= 0:
+        if not execute:
             return features
-        f = features[dominant]
-        keep = (torch.rand(f.shape[0], generator=gen) >= q).to(f.device)
-        self.last_mask = keep
-        base = model.absent_feature(dominant, f)
-        shape = (-1,) + (1,) * (f.dim() - 1)
-        if q >= 1:
-            dropped = base
-        else:
-            dropped = base + (f - base) * keep.view(shape).to(f.dtype) / (1 - q)
-        return {**features, dominant: dropped}
+        out = dict(features)
+        for m in model.modalities:
+            if q[m] <= 0:
+                continue
+            f = features[m]
+            keep = (torch.rand(f.shape[0], generator=gen) >= q[m]).to(f.device)
+            self.last_masks[m] = keep
+            base = model.absent_feature(m, f)
+            shape = (-1,) + (1,) * (f.dim() - 1)
+            out[m] = base if q[m] >= 1 else base + (f - base) * keep.view(shape).to(f.dtype) / (1 - q[m])
+        if self.last_masks:
+            self.last_mask = self.last_masks[max(self.last_masks, key=rho.get)]
+        return out
