@@ -111,9 +111,10 @@ class InfoReg(Regulator):
         ``"released"``: the authors' public code; sets ``rule="code"``, ``trace="code"``,
         ``score="code"``, ``coefficient="code"``, ``unimodal_loss=True``,
         ``accumulation="last"``. The finer options below override it when given explicitly.
-    rule : {"paper", "code"}, default from ``variant`` ("paper")
+    rule : {"paper", "code", "robust"}, default from ``variant`` ("paper")
         Window rule (see :func:`modaldiag.learning_window`). The paper rule is one interval (once
-        closed, it stays closed); the code rule is re-evaluated every epoch, as released.
+        closed, it stays closed); the code rule is re-evaluated every epoch, as released; the
+        robust rule (ours) smooths the log-trace growth and reopens only above ``2K``.
     trace : {"online", "per_sample", "code"}, default from ``variant`` ("online")
         ``online``: squared mini-batch gradient norms of every encoder parameter, averaged over
         the epoch's steps (free); ``per_sample``: :func:`modaldiag.fisher_trace` over the training
@@ -148,7 +149,7 @@ class InfoReg(Regulator):
         "beta": [NON_NEGATIVE],
         "K": [Interval(0, 1, closed="left"), None],
         "variant": [Options("paper", "released")],
-        "rule": [Options("paper", "code"), None],
+        "rule": [Options("paper", "code", "robust"), None],
         "trace": [Options("online", "per_sample", "code"), None],
         "score": [Options("prob", "neg_ce", "code"), None],
         "coefficient": [Options("paper", "code"), None],
