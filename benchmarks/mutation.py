@@ -60,20 +60,21 @@ MARKER = ".mutation-work"
 #: source file (relative to modaldiag/) -> the test files that cover it, most specific first
 TESTS = {
     "regulators/base.py": ["tests/test_regulators.py"],
-    "regulators/inforeg.py": ["tests/test_regulators.py", "tests/test_released_inforeg.py"],
-    "regulators/relearning.py": ["tests/test_regulators.py", "tests/test_released_others.py"],
-    "regulators/ogm.py": ["tests/test_regulators.py", "tests/test_released_ogm_opm.py"],
-    "regulators/opm.py": ["tests/test_regulators.py", "tests/test_released_ogm_opm.py"],
-    "regulators/mmpareto.py": ["tests/test_regulators.py", "tests/test_released_others.py"],
-    "regulators/valuation.py": ["tests/test_regulators.py", "tests/test_released_others.py"],
+    "regulators/inforeg.py": ["tests/test_regulators.py", "tests/test_released*.py"],
+    "regulators/relearning.py": ["tests/test_regulators.py", "tests/test_released*.py"],
+    "regulators/ogm.py": ["tests/test_regulators.py", "tests/test_released*.py"],
+    "regulators/opm.py": ["tests/test_regulators.py", "tests/test_released*.py"],
+    "regulators/mmpareto.py": ["tests/test_regulators.py", "tests/test_released*.py"],
+    "regulators/valuation.py": ["tests/test_regulators.py", "tests/test_released*.py"],
     "probes/shapley.py": ["tests/test_shapley.py"],
-    "probes/fisher.py": ["tests/test_fisher.py"],
-    "probes/_persample.py": ["tests/test_fisher.py"],
-    "probes/window.py": ["tests/test_window.py", "tests/test_released_inforeg.py"],
-    "probes/separability.py": ["tests/test_separability.py"],
+    "probes/fisher.py": ["tests/test_fisher.py", "tests/test_mutation_survivors.py"],
+    "probes/_persample.py": ["tests/test_fisher.py", "tests/test_mutation_survivors.py"],
+    "probes/window.py": ["tests/test_window.py", "tests/test_released*.py"],
+    "probes/separability.py": ["tests/test_separability.py", "tests/test_mutation_survivors.py"],
     "probes/unimodal.py": ["tests/test_unimodal.py", "tests/test_regulators.py"],
     "probes/diagnose.py": ["tests/test_diagnose.py"],
-    "probes/_common.py": ["tests/test_probe_state.py", "tests/test_shapley.py"],
+    "probes/_common.py": ["tests/test_probe_state.py", "tests/test_shapley.py",
+                          "tests/test_mutation_survivors.py"],
 }
 
 CMP_SWAP = {ast.Lt: [ast.LtE, ast.Gt], ast.LtE: [ast.Lt, ast.GtE], ast.Gt: [ast.GtE, ast.Lt],
@@ -101,9 +102,13 @@ CATALOGUE = {
         "probes/shapley.py", "return correct * sizes.view(-1, 1).double() if value == 'paper' else correct",
         "return correct", ["tests/test_shapley.py"]),
     "OPM: inverted keep mask": (
-        "regulators/opm.py", "keep = (torch.rand(f.shape[0], generator=gen) >= q)",
-        "keep = (torch.rand(f.shape[0], generator=gen) < q)",
-        ["tests/test_regulators.py", "tests/test_released_ogm_opm.py"]),
+        "regulators/opm.py", "keep = (torch.rand(f.shape[0], generator=gen) >= q[m])",
+        "keep = (torch.rand(f.shape[0], generator=gen) < q[m])",
+        ["tests/test_regulators.py", "tests/test_released*.py"]),
+    "OPM released: inverted keep mask": (
+        "regulators/opm.py", "keep = torch.rand(batch, len(mods), generator=gen) >= q_vec",
+        "keep = torch.rand(batch, len(mods), generator=gen) < q_vec",
+        ["tests/test_regulators.py", "tests/test_released*.py"]),
     "OPM: scores not all-reduced (DDP)": (
         "regulators/opm.py", "s = all_reduce_sum(s)", "s = s", [DDP_TEST]),
     "OGM: scores not all-reduced (DDP)": (
@@ -112,23 +117,23 @@ CATALOGUE = {
     "InfoReg*: unimodal losses at half weight": (
         "regulators/inforeg.py", "ctx.losses[f'unimodal/{m}'] = F.cross_entropy(lg, ctx.labels)",
         "ctx.losses[f'unimodal/{m}'] = 0.5 * F.cross_entropy(lg, ctx.labels)",
-        ["tests/test_regulators.py", "tests/test_released_inforeg.py"]),
+        ["tests/test_regulators.py", "tests/test_released*.py"]),
     "Relearning: reset_bn ignored": (
         "regulators/relearning.py", "if self.reset_bn:", "if False:",
-        ["tests/test_regulators.py", "tests/test_released_others.py"]),
+        ["tests/test_regulators.py", "tests/test_released*.py"]),
     "Relearning: reset_optimizer ignored": (
         "regulators/relearning.py", "optimizer.state.pop(p, None)", "optimizer.state.get(p, None)",
-        ["tests/test_regulators.py", "tests/test_released_others.py"]),
+        ["tests/test_regulators.py", "tests/test_released*.py"]),
     "Relearning: BN counter interpolated like a float": (
         "regulators/relearning.py", "if buf.is_floating_point():", "if True:",
-        ["tests/test_regulators.py", "tests/test_released_others.py"]),
+        ["tests/test_regulators.py", "tests/test_released*.py"]),
     "OGM: conv_only ignored": (
         "regulators/ogm.py", "return _conv_weights(model.encoders[m]) if self.conv_only else self.groups(model)[m]",
-        "return self.groups(model)[m]", ["tests/test_regulators.py", "tests/test_released_ogm_opm.py"]),
+        "return self.groups(model)[m]", ["tests/test_regulators.py", "tests/test_released*.py"]),
     "OGM-GE: noise std of the modulated gradient": (
         "regulators/ogm.py", "stds = [g.std() + 1e-08 if g.numel() > 1",
         "stds = [k[m] * g.std() + 1e-08 if g.numel() > 1",
-        ["tests/test_regulators.py", "tests/test_released_ogm_opm.py"]),
+        ["tests/test_regulators.py", "tests/test_released*.py"]),
 }
 
 
@@ -326,7 +331,11 @@ def run_tests(work: Path, tests: list[str], timeout: float, deselect=(), stop_fi
               ) -> tuple[str, float, str]:
     env = {**os.environ, "PYTHONPATH": str(work), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONDONTWRITEBYTECODE": "1"}
-    present = [t for t in tests if (work / t.split("::")[0]).exists()]
+    present = []
+    for t in tests:  # globs (tests/test_released*.py) expand; node ids keep their ::name
+        path, sep, name = t.partition("::")
+        matches = sorted(str(p.relative_to(work)) for p in work.glob(path))
+        present += [m + sep + name for m in matches]
     if not present:  # never let pytest fall back to collecting the whole suite
         return "error", 0.0, f"none of {tests} exists"
     cmd = [sys.executable, "-m", "pytest", *(["-x"] if stop_first else []), "-q", "-rf",
@@ -362,13 +371,14 @@ def run_catalogue(work: Path, args) -> int:
     patterns are written in unparse's spelling (single quotes, 1e-08)."""
     rows = []
     deselect = {}
-    for group in sorted({tuple(t) for _, _, _, t in CATALOGUE.values()}):
+    chosen = {k: v for k, v in CATALOGUE.items() if args.bugs in k}
+    for group in sorted({tuple(t) for _, _, _, t in chosen.values()}):
         _, dt, failed = run_tests(work, list(group), args.timeout * 3, stop_first=False)
         deselect[group] = [ln.split()[1] for ln in failed.splitlines()
                            if ln.startswith(("FAILED", "ERROR")) and len(ln.split()) > 1]
         rows.append({"baseline": " ".join(group), "deselected": deselect[group]})
         print(f"baseline {' '.join(group)}: deselected {deselect[group]}", flush=True)
-    for name, (rel, old, new, tests) in CATALOGUE.items():
+    for name, (rel, old, new, tests) in chosen.items():
         target = work / "modaldiag" / rel
         original = target.read_text()
         norm = ast.unparse(ast.parse(original))
@@ -396,16 +406,32 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="*", default=None, help="FILE:SITE_NO (index into --list order)")
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds per mutant")
     ap.add_argument("--work", default="/tmp/modaldiag-mutation-tool")
+    ap.add_argument("--show", nargs="*", default=None, help="FILE:SITE_NO: print the mutant's diff")
     ap.add_argument("--catalogue", action="store_true", help="run the hand-written CATALOGUE")
+    ap.add_argument("--bugs", default="", help="with --catalogue: only bugs whose name contains this")
     ap.add_argument("--out", default=None, help="JSON results (appended to as mutants finish)")
     args = ap.parse_args(argv)
 
     work = Path(args.work)
-    make_work(work)  # a frozen snapshot: sites and mutants both come from it
+    if not (args.show and (work / MARKER).exists()):  # --show reads an existing snapshot
+        make_work(work)  # a frozen snapshot: sites and mutants both come from it
     check_copy(work)
     sites = all_sites(work)
     if args.catalogue:
         return run_catalogue(work, args)
+    if args.show:
+        import difflib
+        for spec in args.show:
+            f, no = spec.rsplit(":", 1)
+            site = [s for s in sites if s.file == f][int(no)]
+            src = (work / "modaldiag" / f).read_text()
+            before = ast.unparse(ast.parse(src)).splitlines()
+            after = mutate(f, site, src).splitlines()
+            print(f"== {spec} line {site.line} {site.op} {site.desc}")
+            for ln in difflib.unified_diff(before, after, lineterm="", n=0):
+                if ln[:1] in "+-" and ln[:3] not in ("+++", "---"):
+                    print("  " + ln.strip()[:200])
+        return 0
     if args.list:
         by_file: dict[str, int] = {}
         for s in sites:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from modaldiag.utils.io import atomic_write_json, atomic_write_text
 
-from .common import machine_info
+from .common import code_fingerprint, machine_info, short
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITES = ["valuation", "fisher", "overhead", "scale", "diagnosis", "methods", "training", "window"]
@@ -22,14 +22,20 @@ SUITES = ["valuation", "fisher", "overhead", "scale", "diagnosis", "methods", "t
 
 READING = """## Reading the results
 
-**Speed.** Exact valuation runs the encoders once and evaluates all coalitions through the head
-in one stacked call, so its cost stays close to one encoder pass (the floor) while shap's exact
-explainer and Captum pay per sample and per coalition; additive heads (concat, late) use an exact
-fast path. Per-sample Fisher traces for Linear/Conv/BatchNorm encoders come from activations and
-output gradients of one backward pass; other encoders use torch.func. Regulator overheads are a
+**Speed.** Exact valuation runs the encoders once and evaluates all 2^M coalitions through the
+head in one stacked call. Only the additive heads (concat, late) have an exact coalition fast path
+that keeps it within a small factor of one forward pass; sum, FiLM and gated heads run every
+coalition through the head, so their cost grows with 2^M (tens of forward passes at M = 6; see the
+per-head table). shap's exact explainer and Captum pay per sample and per evaluation; Captum's
+`ShapleyValues` enumerates all M! permutations (M·M! evaluations per sample), and its sampling
+variant `ShapleyValueSampling` is shown with a stated number of permutations. Per-sample Fisher
+traces: the table times every engine (`hooks`: activations and output gradients of one backward
+pass, what `engine="auto"` picks for Linear/Conv/BatchNorm encoders; `vmap`: torch.func; `loop`:
+one backward per sample) and labels each row with the engine that ran. Regulator overheads are a
 fixed per-step cost (a few small tensor operations per parameter group): negligible on a
 realistic encoder (hapt's CNN) and visible only on the tiny mfeat MLPs, whose whole step takes
-about a millisecond.
+about a millisecond. The methods tables are built only from cached runs of the code whose
+fingerprint they state.
 
 **Methods.** On the embedded data fused accuracy barely moves: the mfeat views are easy (joint
 training is near its ceiling) and no method reproduces the papers' audio-visual gains in fused
@@ -54,7 +60,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes (CI)")
     parser.add_argument("--only", nargs="*", choices=SUITES, help="run only these suites")
     args = parser.parse_args(argv)
-    info = machine_info()
+    info = {**machine_info(), "code": code_fingerprint()}
     # quick runs (CI-sized) never overwrite the published full results or docs/benchmarks.md
     results_dir = ROOT / "benchmarks" / ("results-quick" if args.quick else "results")
     for suite in args.only or SUITES:
@@ -89,7 +95,9 @@ def render(results_dir: Path, out: Path) -> None:
         m = data["machine"]
         parts += [f"## {suite}", "",
                   f"{m['date']} · {m['machine']} · Python {m['python']} · torch {m['torch']} · "
-                  f"modaldiag {m['modaldiag']}" + (" · **quick mode**" if data["quick"] else ""), ""]
+                  f"modaldiag {m['modaldiag']}"
+                  + (f" · code {short(m['code'])}" if m.get("code") else "")
+                  + (" · **quick mode**" if data["quick"] else ""), ""]
         for t in data["tables"]:
             parts.append(Table(**t).to_markdown())
     atomic_write_text(out, "\n".join(parts))

@@ -1041,7 +1041,8 @@ def _rel_err(a, b):
 def test_mmpareto_released_equals_transcription(conflict_case):
     model, x, y_mm, y = conflict_case
     ref = _released_mmpareto(copy.deepcopy(model), x, y_mm, y)
-    got, reg = _modaldiag_mmpareto(model, x, y_mm, y, variant="released")
+    # this transcription uses the shared head (the separate heads are tested at the file's end)
+    got, reg = _modaldiag_mmpareto(model, x, y_mm, y, variant="released", unimodal_heads="shared")
     assert reg.rescale == "tensor" and reg.config()["variant"] == "released"
     logs = reg.collect_logs()
     assert all(c < 0 for c in logs["cosine"].values())  # the min-norm branch ran for both
@@ -1069,7 +1070,7 @@ def test_mmpareto_paper_and_released_differ_per_tensor(conflict_case):
     of the paper gradient's norm on one tensor); head gradients are identical."""
     model, x, y_mm, y = conflict_case
     paper, _ = _modaldiag_mmpareto(model, x, y_mm, y, variant="paper")
-    released, _ = _modaldiag_mmpareto(model, x, y_mm, y, variant="released")
+    released, _ = _modaldiag_mmpareto(model, x, y_mm, y, variant="released", unimodal_heads="shared")
     enc = [n for n in paper if n.startswith("encoders.")]
     assert enc and len(enc) < len(paper)
     errs = [_rel_err(released[n], paper[n]) for n in enc]
@@ -1079,7 +1080,7 @@ def test_mmpareto_paper_and_released_differ_per_tensor(conflict_case):
             torch.testing.assert_close(released[n], paper[n], rtol=0, atol=0)
     # with aligned gradients (cos > 0, weights 1/2) both forms give gamma * (g_mm + g_u)
     paper, _ = _modaldiag_mmpareto(model, x, y, y, variant="paper")
-    released, _ = _modaldiag_mmpareto(model, x, y, y, variant="released")
+    released, _ = _modaldiag_mmpareto(model, x, y, y, variant="released", unimodal_heads="shared")
     for n in enc:
         assert _rel_err(released[n], paper[n]) < 1e-12
 
@@ -1300,3 +1301,369 @@ def test_released_variants_train_through_fit(synth):
         logs = hist[1]["regulator"]
         assert check(logs), (reg, logs)
         assert "variant='released'" in repr(reg)
+
+
+# ================================================================ MMPareto: separate unimodal heads
+def _fixed_heads(model, seed=4):
+    """Fixed unimodal head weights (one linear classifier per modality), float64; with the
+    conflict_case batch both encoders' cosines are < 0 (min-norm weights 0.994 and 0.945)."""
+    g = torch.Generator().manual_seed(seed)
+    return {m: {"weight": torch.randn(model.num_classes, d, generator=g, dtype=torch.float64),
+                "bias": torch.randn(model.num_classes, generator=g, dtype=torch.float64)}
+            for m, d in model.feature_dims.items()}
+
+
+def _released_mmpareto_separate(model, heads, x, y_mm, y, gamma=1.5):
+    """Transcription of the released train step with its separate unimodal heads: the model
+    returns (out, out_a, out_v) with out_m = head_m(f_m); one backward per loss (zeroing between);
+    encoder weights from the concatenated gradients, the factor per tensor; every parameter whose
+    name holds 'head' (fusion head AND unimodal heads) keeps the gradient of the summed loss."""
+    mods = list(model.modalities)
+    lins = {}
+    for m in mods:
+        lin = nn.Linear(heads[m]["weight"].shape[1], heads[m]["weight"].shape[0]).double()
+        with torch.no_grad():
+            lin.weight.copy_(heads[m]["weight"])
+            lin.bias.copy_(heads[m]["bias"])
+        lins[m] = lin
+    enc = {m: list(model.encoders[m].parameters()) for m in mods}
+    enc_ids = {id(p) for ps in enc.values() for p in ps}
+    named = dict(model.named_parameters())
+    for m in mods:
+        named[f"uni_head.{m}.weight"], named[f"uni_head.{m}.bias"] = lins[m].weight, lins[m].bias
+    every = list(named.values())
+
+    def forward():
+        feats = {m: model.encoders[m](x[m]) for m in mods}
+        out = {"both": F.cross_entropy(model.head(feats), y_mm)}
+        for m in mods:
+            out[m] = F.cross_entropy(lins[m](feats[m]), y)
+        return out
+
+    grads = {}
+    for name in ["both", *mods]:
+        for p in every:
+            p.grad = None
+        forward()[name].backward()
+        grads[name] = {id(p): (torch.zeros_like(p) if p.grad is None else p.grad.clone())
+                       for p in every}
+    for p in every:
+        p.grad = None
+    forward_total = forward()
+    sum(forward_total.values()).backward()  # loss = loss_mm + loss_a + loss_v; one backward
+    total = {id(p): p.grad.clone() for p in every}
+    final, weights = {}, {}
+    for m in mods:
+        g_mm = [grads["both"][id(p)] for p in enc[m]]
+        g_u = [grads[m][id(p)] for p in enc[m]]
+        cat_mm, cat_u = torch.cat([g.flatten() for g in g_mm]), torch.cat([g.flatten() for g in g_u])
+        if F.cosine_similarity(cat_mm, cat_u, dim=0) > 0:
+            k = (0.5, 0.5)
+        else:
+            c = _released_min_norm_weight(g_mm, g_u)
+            k = (c, 1 - c)
+        weights[m] = k[0]
+        for p, a, b in zip(enc[m], g_mm, g_u, strict=True):
+            three = total[id(p)].norm()
+            new = 2 * k[0] * a + 2 * k[1] * b
+            diff = three / new.norm()
+            final[id(p)] = diff * new * gamma if diff > 1 else new * gamma
+    for p in every:
+        if id(p) not in enc_ids:
+            final[id(p)] = total[id(p)]
+    return {n: final[id(p)] for n, p in named.items()}, weights, grads
+
+
+def _modaldiag_separate(model, heads, x, y_mm, y, **kw):
+    """One MMPareto step (own backward) with the separate heads restored from fixed weights."""
+    model.zero_grad(set_to_none=True)
+    reg = md.MMPareto(**kw)
+    if heads is not None:
+        reg.load_state_dict({"unimodal_heads": copy.deepcopy(heads)})
+    ctx = StepContext(model=model, epoch=0, step=0, inputs=x, labels=y)
+    ctx.features = model.encode(x)
+    ctx.logits = model.head(ctx.features)
+    if reg.needs_unimodal_logits:
+        ctx.compute_unimodal_logits()
+    reg.on_after_forward(ctx)
+    ctx.losses["multimodal"] = F.cross_entropy(ctx.logits, y_mm)
+    assert reg.backward(ctx)
+    out = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for m, lin in (reg.heads or {}).items():
+        out[f"uni_head.{m}.weight"], out[f"uni_head.{m}.bias"] = lin.weight.grad, lin.bias.grad
+    model.zero_grad(set_to_none=True)
+    return out, reg
+
+
+def test_mmpareto_released_separate_heads_equal_transcription(conflict_case):
+    model, x, y_mm, y = conflict_case
+    heads = _fixed_heads(model)
+    ref, ref_w, _ = _released_mmpareto_separate(copy.deepcopy(model), heads, x, y_mm, y)
+    got, reg = _modaldiag_separate(model, heads, x, y_mm, y, variant="released")
+    assert reg.unimodal_heads == "separate" and reg.rescale == "tensor"
+    assert not reg.needs_unimodal_logits  # the shared head's unimodal logits are not computed
+    logs = reg.collect_logs()
+    assert all(c < 0 for c in logs["cosine"].values())  # the min-norm branch ran for both
+    for m in model.modalities:
+        assert logs["w_multimodal"][m] == pytest.approx(ref_w[m], abs=1e-12)
+    assert set(got) == set(ref) and any(n.startswith("uni_head.") for n in ref)
+    for n in ref:  # encoders, fusion head and unimodal heads
+        assert _rel_err(got[n], ref[n]) < 1e-9, n
+
+
+def test_mmpareto_fusion_head_gets_no_unimodal_gradient_with_separate_heads(conflict_case):
+    model, x, y_mm, y = conflict_case
+    head = [n for n, _ in model.named_parameters() if not n.startswith("encoders.")]
+    loss_mm = F.cross_entropy(model(x), y_mm)
+    only_mm = dict(zip(head, torch.autograd.grad(loss_mm, [dict(model.named_parameters())[n]
+                                                           for n in head]), strict=True))
+    sep, _ = _modaldiag_separate(model, _fixed_heads(model), x, y_mm, y, variant="released")
+    shared, _ = _modaldiag_separate(model, None, x, y_mm, y, variant="released",
+                                    unimodal_heads="shared")
+    for n in head:
+        torch.testing.assert_close(sep[n], only_mm[n], rtol=1e-12, atol=1e-14)
+    # the shared head does receive the unimodal CE gradient: far from the multimodal one alone
+    assert max(_rel_err(shared[n], only_mm[n]) for n in head) > 0.1
+    # and the unimodal heads' gradient is exactly their unimodal CE gradient
+    feats = {m: f.detach() for m, f in model.encode(x).items()}
+    for m, t in _fixed_heads(model).items():
+        w, b = t["weight"].requires_grad_(), t["bias"].requires_grad_()
+        gw, gb = torch.autograd.grad(F.cross_entropy(F.linear(feats[m], w, b), y), [w, b])
+        torch.testing.assert_close(sep[f"uni_head.{m}.weight"], gw, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(sep[f"uni_head.{m}.bias"], gb, rtol=1e-12, atol=1e-14)
+
+
+def test_mmpareto_unimodal_heads_option_validation_and_defaults():
+    assert md.MMPareto().unimodal_heads == "shared"
+    assert md.MMPareto(variant="released").unimodal_heads == "separate"
+    assert md.MMPareto(variant="released", unimodal_heads="shared").unimodal_heads == "shared"
+    assert md.MMPareto(unimodal_heads="separate").config()["unimodal_heads"] == "separate"
+    for bad in ({"unimodal_heads": "own"}, {"seed": -1}, {"seed": 1.5}):
+        with pytest.raises((ValueError, TypeError)):
+            md.MMPareto(**bad)
+    with pytest.raises(ValueError, match="unimodal_heads"):
+        md.MMPareto().load_state_dict({"unimodal_heads": {"a": {"weight": torch.zeros(2, 3),
+                                                                "bias": torch.zeros(2)}}})
+
+
+def _pareto_run(model, reg, opt, loader, epochs, start=0, run=None):
+    run = run or md.Regulation(model, opt, reg)
+    for epoch in range(start, epochs):
+        for inputs, labels in run.epoch_start(epoch, loader):
+            opt.zero_grad(set_to_none=True)
+            run.backward(inputs, labels)
+            opt.step()
+            run.batch_end()
+        run.epoch_end()
+    return run
+
+
+def test_mmpareto_separate_heads_are_seeded_registered_saved_and_reset(synth):
+    torch.manual_seed(0)
+    model = md.models.default_model(synth, feature_dim=6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    n_groups = len(opt.param_groups)
+    reg = md.MMPareto(variant="released", seed=3)
+    state_rng = torch.get_rng_state()
+    run = md.Regulation(model, opt, reg)
+    run.start()
+    assert torch.equal(torch.get_rng_state(), state_rng)  # the global RNG is untouched
+    assert len(opt.param_groups) == n_groups + 1
+    group = opt.param_groups[-1]
+    assert {k: v for k, v in group.items() if k not in ("params",)} == {
+        **{k: v for k, v in opt.param_groups[0].items() if k != "params"},
+        "modaldiag_mmpareto_unimodal_heads": True}
+    assert [id(p) for p in group["params"]] == [id(p) for p in reg.owned_parameters()]
+    for m, lin in reg.heads.items():
+        assert lin.weight.shape == (model.num_classes, model.feature_dims[m])
+        bound = 1 / math.sqrt(model.feature_dims[m])
+        assert float(lin.weight.detach().abs().max()) <= bound
+        assert float(lin.bias.detach().abs().max()) <= bound
+    init = {m: lin.weight.detach().clone() for m, lin in reg.heads.items()}
+    same = md.MMPareto(variant="released", seed=3)
+    md.Regulation(model, torch.optim.SGD(model.parameters(), lr=0.1), same).start()
+    other = md.MMPareto(variant="released", seed=4)
+    md.Regulation(model, torch.optim.SGD(model.parameters(), lr=0.1), other).start()
+    for m in init:
+        assert torch.equal(same.heads[m].weight, init[m])
+        assert not torch.equal(other.heads[m].weight, init[m])
+    _pareto_run(model, reg, opt, synth.train.loader(64), 1, run=run)
+    state = reg.state_dict()
+    for m, lin in reg.heads.items():
+        assert not torch.equal(lin.weight, init[m])  # trained through the optimizer
+        assert torch.equal(state["unimodal_heads"][m]["weight"], lin.weight)
+    # a fresh run on the same optimizer drops the old heads' group and creates new heads
+    run2 = md.Regulation(model, opt, reg)
+    run2.start()
+    assert len(opt.param_groups) == n_groups + 1
+    for m in init:
+        assert torch.equal(reg.heads[m].weight, init[m])
+    assert all(id(p) in {id(q) for q in opt.param_groups[-1]["params"]} for p in reg.owned_parameters())
+    # shared heads own nothing and save nothing
+    shared = md.MMPareto()
+    md.Regulation(model, torch.optim.SGD(model.parameters(), lr=0.1), shared).start()
+    assert shared.owned_parameters() == [] and shared.state_dict() == {}
+
+
+def test_mmpareto_separate_heads_lazy_for_a_model_without_feature_dims(synth):
+    torch.manual_seed(0)
+    inner = md.models.default_model(synth, feature_dim=6)
+    wrapped = md.wrap(inner, encoders=dict(inner.encoders), head=inner.head,
+                      num_classes=inner.num_classes)
+    assert not isinstance(getattr(wrapped, "feature_dims", None), dict)
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.05)
+    reg = md.MMPareto(variant="released")
+    run = md.Regulation(wrapped, opt, reg)
+    run.start()
+    assert reg.heads is None and len(opt.param_groups) == 1
+    _pareto_run(wrapped, reg, opt, synth.train.loader(64), 1, run=run)
+    assert set(reg.heads) == set(inner.modalities) and len(opt.param_groups) == 2
+
+
+def test_mmpareto_separate_heads_plain_loop_resume_is_bit_identical(synth):
+    """4 epochs straight == 2 epochs, save (regulator, optimizer, model), restore into new
+    objects (regulator first, then register_parameters, then the optimizer), 2 more epochs."""
+    loader = synth.train.loader(64)
+
+    def fresh():
+        torch.manual_seed(0)
+        model = md.models.default_model(synth, feature_dim=6)
+        return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), \
+            md.MMPareto(variant="released")
+
+    model, opt, reg = fresh()
+    _pareto_run(model, reg, opt, loader, 4)
+    ref = {**model.state_dict(), **{f"h.{k}": v for k, v in reg.state_dict()["unimodal_heads"]
+                                    .items() for k, v in v.items()}}
+    model, opt, reg = fresh()
+    run = _pareto_run(model, reg, opt, loader, 2)
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(),
+                           "run": run.state_dict()})
+    assert len(saved["opt"]["param_groups"]) == 2
+    model, opt, reg = fresh()
+    run = md.Regulation(model, opt, reg)
+    run.load_state_dict(saved["run"])
+    reg.register_parameters(opt)
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    assert opt.state[reg.owned_parameters()[0]]["momentum_buffer"].abs().sum() > 0
+    _pareto_run(model, reg, opt, loader, 4, start=2, run=run)
+    got = {**model.state_dict(), **{f"h.{k}": v for k, v in reg.state_dict()["unimodal_heads"]
+                                    .items() for k, v in v.items()}}
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError,
+                   reason="md.fit loads the optimizer state before the regulation state, so the "
+                          "heads' parameter group does not exist yet; needs the fit.py resume-order "
+                          "change (regulation first, then register_parameters). Remove this marker "
+                          "with that change.")
+def test_mmpareto_separate_heads_fit_resume_is_bit_identical(synth, tmp_path):
+    def fit(epochs, ck, resume=False):
+        torch.manual_seed(0)
+        model = md.models.default_model(synth, feature_dim=6)
+        reg = md.MMPareto(variant="released")
+        md.fit(model, synth.train.loader(64), epochs=epochs, regulator=reg, monitor=False,
+               progress=False, seed=0, checkpoint_dir=ck, resume=resume, restore_best=False)
+        return {**model.state_dict(), **{f"h.{k}": v for k, v in reg.state_dict()
+                                         ["unimodal_heads"].items() for k, v in v.items()}}
+
+    ref = fit(4, tmp_path / "straight")
+    fit(2, tmp_path / "cut")
+    got = fit(4, tmp_path / "cut", resume=True)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+
+
+def test_mmpareto_separate_heads_refused_by_the_lightning_path(conflict_case):
+    model, x, y_mm, y = conflict_case
+    reg = md.MMPareto(variant="released")
+    ctx = StepContext(model=model, epoch=0, step=0, inputs=x, labels=y)
+    with pytest.raises(ValueError, match=r"unimodal_heads='separate'.*Lightning.*'shared'"):
+        reg.defer_gradients(ctx)
+
+
+def test_mmpareto_separate_heads_refused_by_the_lightning_callback(synth):
+    pl = pytest.importorskip("lightning.pytorch")
+    from modaldiag.integrations.lightning import ModalDiagCallback, ModalDiagModule
+
+    lit = ModalDiagModule(md.models.default_model(synth, feature_dim=8), lr=0.05, weight_decay=0.0)
+    with pytest.raises(ValueError, match=r"unimodal_heads='separate'.*'shared'.*md\.fit"):
+        cb = ModalDiagCallback(md.MMPareto(variant="released"), monitor=False)
+        pl.Trainer(max_epochs=1, callbacks=[cb], accelerator="cpu", devices=1, logger=False,
+                   enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False).fit(lit, synth.train.loader(64))
+    # the paper form (shared head) still trains there
+    cb = ModalDiagCallback(md.MMPareto(variant="released", unimodal_heads="shared"), monitor=False)
+    pl.Trainer(max_epochs=1, callbacks=[cb], accelerator="cpu", devices=1, logger=False,
+               enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False).fit(lit, synth.train.loader(64))
+    assert "w_multimodal" in cb.logs[-1]["regulator"]
+
+
+_PARETO_DDP_WORKER = '''
+import sys
+import torch
+import torch.distributed as dist
+import modaldiag as md
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.set_num_threads(1)
+d = md.datasets.synthetic(n_samples=240, num_classes=3, strength={"a": 2.0, "b": 0.6},
+                          dims={"a": 8, "b": 8}, seed=0)
+torch.manual_seed(rank)  # different initial model weights per rank: DDP broadcasts rank 0's
+model = md.models.default_model(d, feature_dim=6)
+reg = md.MMPareto(variant="released")
+seen = {"init": None, "digest": []}
+
+class Grab(md.training.Callback):
+    def on_train_batch_start(self, ctx):
+        if seen["init"] is None:
+            seen["init"] = {m: lin.weight.detach().clone() for m, lin in reg.heads.items()}
+        seen["digest"].append(float(ctx.inputs["a"].double().sum()))
+
+hist = md.fit(model, d.train, epochs=2, regulator=reg, batch_size=32, seed=0, progress=False,
+              restore_best=False, callbacks=[Grab()])
+torch.save({"model": model.state_dict(), "heads": reg.state_dict()["unimodal_heads"],
+            "init": seen["init"], "digest": seen["digest"], "n": hist[-1]["train"]["n"]},
+           f"{sys.argv[1]}/rank{rank}.pt")
+dist.destroy_process_group()
+'''
+
+
+def test_mmpareto_separate_heads_identical_on_ddp_ranks(tmp_path):
+    """Two gloo CPU ranks on different shards: the heads start identical (seeded generator)
+    and end identical (their gradients are averaged with the rest), like the model."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if exe is None:
+        pytest.skip("torchrun is not installed")
+    script = tmp_path / "worker.py"
+    script.write_text(_PARETO_DDP_WORKER)
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    cmd = [exe, "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root, env=env)
+    if proc.returncode != 0 and any(t in proc.stderr for t in ("EADDRINUSE", "Address already in use",
+                                                              "RendezvousConnectionError",
+                                                              "DistNetworkError")):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root, env=env)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert a["digest"] != b["digest"] and a["n"] == b["n"] > 0  # the ranks saw different data
+    for m in a["init"]:
+        assert torch.equal(a["init"][m], b["init"][m])
+        assert not torch.equal(a["heads"][m]["weight"], a["init"][m])  # the heads trained
+        for k in ("weight", "bias"):
+            assert float((a["heads"][m][k] - b["heads"][m][k]).abs().max()) < 1e-6, (m, k)
+    for k in a["model"]:
+        assert float((a["model"][k].double() - b["model"][k].double()).abs().max()) < 1e-6, k

@@ -583,3 +583,16 @@ def test_paper_value_of_the_full_coalition_is_m_times_correctness():
     with torch.no_grad():
         pred = model.eval()(x).argmax(1)
     assert torch.equal(sv.predictions, pred) and torch.equal(sv.labels, y)
+
+
+def test_autocast_uses_bfloat16_on_cpu():
+    """``autocast=True`` on CPU runs in bfloat16 (float16 is for CUDA), as documented."""
+    from modaldiag.probes._common import autocast_context
+
+    ctx = autocast_context(True, {"a": torch.zeros(2, 3)})
+    assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16
+    with ctx:
+        out = torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3))
+    assert out.dtype == torch.bfloat16
+    with autocast_context(False, {"a": torch.zeros(2, 3)}):
+        assert torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3)).dtype == torch.float32

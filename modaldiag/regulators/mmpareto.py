@@ -22,8 +22,16 @@ Magnitude rescaling (``rescale``): the weights ``w_mm`` always come from encoder
 (``rescale="tensor"``, set by ``variant="released"``): there, tensor t of encoder m gets
 ``gamma * max(1, |g_mm,t + g_u,t| / |h_t|) * h_t`` with ``h_t = 2 (w_mm g_mm,t + w_u g_u,t)``.
 
-Not reproduced: the released code takes its unimodal logits from separate unimodal linear heads;
-both variants here use the shared head with the other modalities absent.
+Unimodal logits (``unimodal_heads``): the paper form takes them from the shared fusion head with
+the other modalities absent (``"shared"``); the released code has one separate linear classifier per
+modality on its features (``"separate"``, set by ``variant="released"``), so its fusion head gets
+no unimodal-CE gradient. The separate heads are owned by the regulator: ``nn.Linear(d_m, C)`` per
+modality, created at the start of a fresh run (or at its first batch when the model does not
+declare ``feature_dims``) on the model's device and dtype, initialised like ``nn.Linear`` from a
+``torch.Generator`` seeded with ``seed`` (identical on every DDP rank), added to the run's optimizer
+as one extra parameter group (the first group's hyperparameters), and saved in ``state_dict``. In the
+gradient combination they are treated like head parameters (plain summed gradient, which is their
+unimodal gradient), averaged over DDP ranks with the rest.
 
 DDP: ``autograd.grad`` does not trigger DDP's gradient all-reduce, so the regulator averages both
 gradient sets over ranks itself *before* computing the weights; every rank then computes the same
@@ -32,12 +40,15 @@ combination from the same numbers and the replicas stay identical.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..utils.distributed import all_reduce_sum, world_size
-from ..utils.validation import POSITIVE, Options
-from .base import Regulator
+from ..utils.validation import POSITIVE, Options, as_plain_int
+from .base import SEED, Regulator
 
 __all__ = ["MMPareto", "pareto_combine"]
 
@@ -79,6 +90,24 @@ def pareto_combine(g_mm: torch.Tensor, g_u: torch.Tensor, gamma: float = 1.5
     return gamma * scale * h, w_mm, cos
 
 
+#: marks the optimizer parameter group that holds MMPareto's separate unimodal heads
+HEADS_GROUP_KEY = "modaldiag_mmpareto_unimodal_heads"
+
+
+def _seeded_linear(d: int, c: int, gen: torch.Generator, device, dtype) -> nn.Linear:
+    """``nn.Linear(d, c)`` with ``nn.Linear``'s default init law (weight and bias uniform in
+    ``+-1/sqrt(d)``) drawn from ``gen`` in float64 on the CPU (device-independent), without
+    touching the global RNG."""
+    lin = nn.utils.skip_init(nn.Linear, d, c, device=device, dtype=dtype)
+    bound = 1.0 / math.sqrt(d)
+    with torch.no_grad():
+        w = (torch.rand(c, d, generator=gen, dtype=torch.float64) * 2 - 1) * bound
+        b = (torch.rand(c, generator=gen, dtype=torch.float64) * 2 - 1) * bound
+        lin.weight.copy_(w)
+        lin.bias.copy_(b)
+    return lin
+
+
 def _average_over_ranks(tensors: list[torch.Tensor]) -> None:
     """Average gradients over DDP ranks in one flat all-reduce (no-op in a single process)."""
     world = world_size()
@@ -106,6 +135,14 @@ class MMPareto(Regulator):
     rescale : {None, "encoder", "tensor"}, default None
         Where the magnitude factor ``max(1, |g_mm + g_u| / |h|)`` is taken: over each encoder's
         whole gradient (paper) or per parameter tensor (released). None: from ``variant``.
+    unimodal_heads : {None, "shared", "separate"}, default None
+        Where the unimodal logits come from: the shared fusion head with the other modalities
+        absent (paper) or one regulator-owned linear classifier per modality (released; the fusion
+        head then gets no unimodal-CE gradient). None: from ``variant``. ``"separate"`` adds one
+        parameter group to the optimizer (see :meth:`register_parameters`) and is refused by the
+        Lightning callback, which steps the user's optimizer.
+    seed : int >= 0, default 0
+        Seed of the separate heads' initialisation (the same on every DDP rank).
 
     Not usable with ``nn.DataParallel`` (its replicas break the two separate gradient passes):
     use DistributedDataParallel or the unwrapped model.
@@ -114,28 +151,126 @@ class MMPareto(Regulator):
     needs_unimodal_logits = True
     conflicts = ("OGM",)
     _parameter_constraints = {"gamma": [POSITIVE], "variant": [Options("paper", "released")],
-                              "rescale": [None, Options("encoder", "tensor")]}
+                              "rescale": [None, Options("encoder", "tensor")],
+                              "unimodal_heads": [None, Options("shared", "separate")],
+                              "seed": [SEED]}
 
-    def __init__(self, gamma: float = 1.5, *, variant: str = "paper", rescale: str | None = None):
-        self._validate(gamma=gamma, variant=variant, rescale=rescale)
+    def __init__(self, gamma: float = 1.5, *, variant: str = "paper", rescale: str | None = None,
+                 unimodal_heads: str | None = None, seed: int = 0):
+        seed = as_plain_int(seed)
+        self._validate(gamma=gamma, variant=variant, rescale=rescale,
+                       unimodal_heads=unimodal_heads, seed=seed)
         super().__init__()
         self.gamma = float(gamma)
         self.variant = variant
         if rescale is None:
             rescale = "tensor" if variant == "released" else "encoder"
         self.rescale = rescale
+        if unimodal_heads is None:
+            unimodal_heads = "separate" if variant == "released" else "shared"
+        self.unimodal_heads = unimodal_heads
+        self.seed = seed
+        # the shared head's unimodal logits are only needed in the paper form
+        self.needs_unimodal_logits = unimodal_heads == "shared"
 
     def reset(self) -> None:
-        """Forget gradients deferred for a framework's optimizer step (a fresh run)."""
+        """Forget gradients deferred for a framework's optimizer step and the separate unimodal
+        heads (a fresh run creates new ones)."""
         super().reset()
         self._deferred: dict[torch.nn.Parameter, torch.Tensor] | None = None
+        self.heads: dict[str, nn.Linear] | None = None
 
     def config(self) -> dict:
-        return {"gamma": self.gamma, "variant": self.variant, "rescale": self.rescale}
+        return {"gamma": self.gamma, "variant": self.variant, "rescale": self.rescale,
+                "unimodal_heads": self.unimodal_heads, "seed": self.seed}
+
+    # ------------------------------------------------------------ separate unimodal heads
+    def owned_parameters(self) -> list[nn.Parameter]:
+        """The separate unimodal heads' parameters (empty with shared heads or before creation)."""
+        if not self.heads:
+            return []
+        return [p for lin in self.heads.values() for p in (lin.weight, lin.bias)]
+
+    def _create_heads(self, model, dims: dict[str, int]) -> None:
+        ref = next((p for p in model.parameters() if p.is_floating_point()), None)
+        device = ref.device if ref is not None else None
+        dtype = ref.dtype if ref is not None else torch.get_default_dtype()
+        gen = torch.Generator().manual_seed(self.seed)
+        self.heads = {m: _seeded_linear(int(dims[m]), int(model.num_classes), gen, device, dtype)
+                      for m in model.modalities}
+
+    def register_parameters(self, optimizer) -> None:
+        """Add the separate heads to ``optimizer`` as one parameter group with the first group's
+        hyperparameters (a no-op when they are already in it, or with shared heads). A group
+        left by an earlier run of this regulator type is removed first. Call it before
+        ``optimizer.load_state_dict`` when resuming a plain loop (after :meth:`load_state_dict`)."""
+        params = self.owned_parameters()
+        if optimizer is None or not params:
+            return
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if all(id(p) in held for p in params):
+            return
+        keep = []
+        for g in optimizer.param_groups:
+            if g.get(HEADS_GROUP_KEY):
+                for p in g["params"]:
+                    optimizer.state.pop(p, None)
+            else:
+                keep.append(g)
+        optimizer.param_groups[:] = keep
+        base = {k: (v.clone() if isinstance(v, torch.Tensor) else v)
+                for k, v in optimizer.param_groups[0].items() if k != "params"}
+        optimizer.add_param_group({**base, "params": params, HEADS_GROUP_KEY: True})
+
+    def on_fit_start(self, ctx) -> None:
+        super().on_fit_start(ctx)
+        if self.unimodal_heads != "separate":
+            return
+        dims = getattr(ctx.model, "feature_dims", None)
+        if self.heads is None and isinstance(dims, dict):
+            self._create_heads(ctx.model, dims)
+        self.register_parameters(ctx.optimizer)
+
+    def state_dict(self) -> dict:
+        if not self.heads:
+            return {}
+        return {"unimodal_heads": {m: {"weight": lin.weight.detach().clone(),
+                                       "bias": lin.bias.detach().clone()}
+                                   for m, lin in self.heads.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the separate heads (created here, on the saved tensors' device and dtype);
+        the next ``on_fit_start`` keeps them and registers them with the run's optimizer."""
+        saved = (state or {}).get("unimodal_heads")
+        if saved and self.unimodal_heads != "separate":
+            raise ValueError("MMPareto: the state holds separate unimodal heads but this regulator "
+                             f"uses unimodal_heads={self.unimodal_heads!r}.")
+        heads = None
+        if saved:
+            heads = {}
+            for m, t in saved.items():
+                w, b = t["weight"], t["bias"]
+                lin = nn.utils.skip_init(nn.Linear, w.shape[1], w.shape[0], device=w.device,
+                                         dtype=w.dtype)
+                with torch.no_grad():
+                    lin.weight.copy_(w)
+                    lin.bias.copy_(b)
+                heads[m] = lin
+        super().load_state_dict(state)
+        self.heads = heads
 
     def on_after_forward(self, ctx) -> None:
-        for m, lg in ctx.unimodal_logits.items():
-            ctx.losses[f"unimodal/{m}"] = F.cross_entropy(lg, ctx.labels)
+        if self.unimodal_heads == "shared":
+            for m, lg in ctx.unimodal_logits.items():
+                ctx.losses[f"unimodal/{m}"] = F.cross_entropy(lg, ctx.labels)
+            return
+        if self.heads is None:  # the model declares no feature_dims: size them on this batch
+            self._create_heads(ctx.model, {m: f.shape[1] for m, f in ctx.features.items()})
+            self.register_parameters(ctx.optimizer)
+        for m in ctx.model.modalities:
+            lin = self.heads[m]
+            ctx.losses[f"unimodal/{m}"] = F.cross_entropy(
+                lin(ctx.features[m].to(lin.weight.dtype)), ctx.labels)
 
     def backward(self, ctx) -> bool:
         for p, g in self.combined_gradients(ctx).items():
@@ -146,6 +281,12 @@ class MMPareto(Regulator):
         """For frameworks that run their own backward (Lightning): compute the combined encoder
         gradients now, and write them at ``on_before_optimizer_step`` over the encoders' plain
         summed gradients (head gradients stay the framework's plain sum)."""
+        if self.unimodal_heads == "separate":
+            raise ValueError(
+                "MMPareto(unimodal_heads='separate') (the default of variant='released') owns one "
+                "linear head per modality that must be registered with the optimizer and saved "
+                "with the run; the Lightning callback steps your own optimizer and cannot. Use "
+                "unimodal_heads='shared' here, or train with md.fit / md.Regulation.")
         enc_ids = {id(p) for ps in self.groups(ctx.model).values() for p in ps}
         combined = self.combined_gradients(ctx, retain_graph=True)
         if self._deferred is None:
@@ -162,14 +303,15 @@ class MMPareto(Regulator):
         self._deferred = None
 
     def combined_gradients(self, ctx, retain_graph: bool = False) -> dict:
-        """``{parameter: gradient}``: Pareto-combined for encoders, summed for the head."""
+        """``{parameter: gradient}``: Pareto-combined for encoders, summed for the head (and the
+        separate unimodal heads)."""
         model = ctx.model
         uni_keys = [k for k in ctx.losses if k.startswith("unimodal/")]
         loss_u = sum(ctx.losses[k] for k in uni_keys)
         loss_mm = sum(v for k, v in ctx.losses.items() if k not in uni_keys)
         groups = self.groups(model)
         enc = {m: groups[m] for m in model.modalities}
-        head = self.head_parameters(model)
+        head = self.head_parameters(model) + self.owned_parameters()  # both: plain summed grad
         params = [p for m in model.modalities for p in enc[m]] + head
 
         def grads(loss, retain):
