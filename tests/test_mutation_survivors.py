@@ -51,3 +51,21 @@ def test_purity_of_separated_clusters_is_one_and_of_shuffled_labels_is_lower():
     assert md.probes.purity(x, y, 2) == 1.0
     mixed = (torch.arange(40) % 2).numpy()  # each cluster holds 10 of each label
     assert md.probes.purity(x, mixed, 2) == 0.5
+
+
+def test_probes_print_no_progress_bar_unless_asked(tmp_path, capfd):
+    from conftest import make_inputs, make_model
+
+    from modaldiag.probes.shapley import shapley_to_disk
+
+    model = make_model(2, "concat")
+    x = make_inputs(model, batch=6)
+    loader = [(x, torch.arange(6) % 3)] * 2
+    capfd.readouterr()
+    md.shapley(model, loader, progress=False)
+    shapley_to_disk(model, loader, tmp_path / "sv", progress=False)
+    md.fisher_trace(model, loader)
+    out, err = capfd.readouterr()
+    assert "shapley" not in err and "%|" not in err and out == ""
+    shapley_to_disk(model, loader, tmp_path / "sv2", progress=True)
+    assert "%|" in capfd.readouterr().err  # the bar exists when asked for

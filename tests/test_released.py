@@ -1555,11 +1555,6 @@ def test_mmpareto_separate_heads_plain_loop_resume_is_bit_identical(synth):
         assert torch.equal(got[k], ref[k]), k
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="md.fit loads the optimizer state before the regulation state, so the "
-                          "heads' parameter group does not exist yet; needs the fit.py resume-order "
-                          "change (regulation first, then register_parameters). Remove this marker "
-                          "with that change.")
 def test_mmpareto_separate_heads_fit_resume_is_bit_identical(synth, tmp_path):
     def fit(epochs, ck, resume=False):
         torch.manual_seed(0)

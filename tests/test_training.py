@@ -383,11 +383,11 @@ def test_resume_without_its_regulator_or_with_another_config_is_refused(small, t
     _checkpointed(small, ck, regulator=md.OGM(alpha=0.8))
     saved = safe_torch_load(ck / "last.pt")["fit"]
     assert saved["regulators"] == [repr(md.OGM(alpha=0.8))] and saved["optimizer"] == "SGD"
-    with pytest.raises(ValueError, match=r"regulated by \['OGM\(alpha=0\.8.*but this call passes "
+    with pytest.raises(ValueError, match=r"regulated by \[.OGM\(alpha=0\.8.*but this call passes "
                                          r"no regulator.*Pass the same regulator"):
         _fit(make_model(), small.train.loader(32), epochs=2, checkpoint_dir=ck, resume=True)
-    with pytest.raises(ValueError, match=r"regulated by \['OGM\(alpha=0\.8.*but this call passes "
-                                         r"\['OGM\(alpha=0\.5"):
+    with pytest.raises(ValueError, match=r"regulated by \[.OGM\(alpha=0\.8.*but this call passes "
+                                         r"\[.OGM\(alpha=0\.5"):
         _fit(make_model(), small.train.loader(32), epochs=2, checkpoint_dir=ck, resume=True,
              regulator=md.OGM(alpha=0.5))
     with pytest.raises(ValueError, match=r"written with the callbacks \['0:OGM'\], but this call "

@@ -193,7 +193,7 @@ def cases(tmp: Path) -> list[Case]:
             _model(), _data().train.loader(32), epochs=2, resume=True,
             checkpoint_dir=_checkpoint(tmp / "ogm", regulator=md.OGM(alpha=0.8))),
              raises=ValueError,
-             match=r"regulated by \['OGM\(alpha=0\.8.*but this call passes no regulator"),
+             match=r"regulated by \[.OGM\(alpha=0\.8.*but this call passes no regulator"),
         case("a last batch of ONE sample with BatchNorm: skipped with a warning, counted",
              _batch_of_one, check=_batch_of_one_check),
         case("every batch of ONE sample with BatchNorm refused", lambda: _fit(

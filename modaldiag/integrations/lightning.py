@@ -80,6 +80,12 @@ class ModalDiagCallback(pl.Callback):
         if replacing:
             raise ValueError(f"{replacing[0]} rebuilds the training loader every epoch; use "
                              "md.fit or md.Regulation for it, not the Lightning callback.")
+        separate = [r.name for r in regs if getattr(r, "unimodal_heads", None) == "separate"]
+        if separate:
+            raise ValueError(f"{separate[0]}(unimodal_heads='separate') owns one linear head per "
+                             "modality that must join the optimizer and the checkpoint; the "
+                             "Lightning callback steps your own optimizer. Use "
+                             "unimodal_heads='shared' here, or md.fit / md.Regulation.")
         self.regulator, self.monitor, self.model_attr = regulator, monitor, model_attr
         self.unimodal_loss_weight = unimodal_loss_weight
         self.run: Regulation | None = None

@@ -404,7 +404,8 @@ def _rescale_lrs(optimizer, scheduler, requested: list[float], saved: list[float
     def scaled(value, new, ratio):
         return value * ratio if ratio is not None and math.isfinite(value) else new
 
-    triples = zip(optimizer.param_groups, requested, saved, strict=True)
+    # groups added after the lrs were recorded (a regulator's own parameters) keep their lr
+    triples = zip(optimizer.param_groups[:len(requested)], requested, saved, strict=True)
     for i, (group, new, old) in enumerate(triples):
         if new == old:
             continue
@@ -628,10 +629,21 @@ def fit(
                              "md.fit; start over with resume=False or another checkpoint_dir.")
         saved_fit = state.get("fit")
         _check_model_matches(state["model"], net, where)
-        _check_optimizer_matches(state["optimizer"], saved_fit.get("optimizer") if saved_fit else None,
-                                 optimizer, {id(p): n for n, p in net.named_parameters()}, where)
         _check_run_matches(saved_fit, list(state["regulation"].get("callbacks", {})), run,
                            scheduler, where)
+        # regulators first: those that own parameters (MMPareto's separate unimodal heads)
+        # re-create them from their state and join the optimizer before its state is loaded
+        run.load_state_dict(state["regulation"])
+        try:
+            for cb in run.callbacks:
+                if hasattr(cb, "register_parameters"):
+                    cb.register_parameters(optimizer)
+            _check_optimizer_matches(state["optimizer"], saved_fit.get("optimizer") if saved_fit
+                                     else None, optimizer,
+                                     {id(p): n for n, p in net.named_parameters()}, where)
+        except ValueError:
+            run.end()  # forget the state just restored: a retry with resume=False starts afresh
+            raise
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
@@ -639,7 +651,6 @@ def fit(
         _rescale_lrs(optimizer, scheduler, requested_lrs, saved_fit.get("lrs") if saved_fit else None)
         if scaler is not None and state.get("scaler") is not None:
             scaler.load_state_dict(state["scaler"])
-        run.load_state_dict(state["regulation"])
         history = History.from_dict(state["history"])
         ctx.history = history
         start_epoch = int(state["epoch"])
