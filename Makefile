@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: demo test test-all bench bench-quick lint clean
+.PHONY: demo test test-all bench bench-quick mutation lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ bench: $(BENCH_STAMP)
 
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.run --quick
+
+mutation: $(DEV_STAMP)
+	$(BIN)/python benchmarks/mutation.py --sample 64 --seed 0 --out benchmarks/results/mutation.json
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check modaldiag tests examples benchmarks

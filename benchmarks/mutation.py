@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import copy
 import json
 import os
 import random
@@ -66,12 +65,14 @@ TESTS = {
     "regulators/opm.py": ["tests/test_regulators.py", "tests/test_released*.py"],
     "regulators/mmpareto.py": ["tests/test_regulators.py", "tests/test_released*.py"],
     "regulators/valuation.py": ["tests/test_regulators.py", "tests/test_released*.py"],
-    "probes/shapley.py": ["tests/test_shapley.py"],
+    "probes/shapley.py": ["tests/test_shapley.py", "tests/test_mutation_survivors.py"],
     "probes/fisher.py": ["tests/test_fisher.py", "tests/test_mutation_survivors.py"],
     "probes/_persample.py": ["tests/test_fisher.py", "tests/test_mutation_survivors.py"],
-    "probes/window.py": ["tests/test_window.py", "tests/test_released*.py"],
+    "probes/window.py": ["tests/test_window.py", "tests/test_released*.py",
+                         "tests/test_mutation_survivors.py"],
     "probes/separability.py": ["tests/test_separability.py", "tests/test_mutation_survivors.py"],
-    "probes/unimodal.py": ["tests/test_unimodal.py", "tests/test_regulators.py"],
+    "probes/unimodal.py": ["tests/test_unimodal.py", "tests/test_regulators.py",
+                           "tests/test_mutation_survivors.py"],
     "probes/diagnose.py": ["tests/test_diagnose.py"],
     "probes/_common.py": ["tests/test_probe_state.py", "tests/test_shapley.py",
                           "tests/test_mutation_survivors.py"],
@@ -108,6 +109,10 @@ CATALOGUE = {
     "OPM released: inverted keep mask": (
         "regulators/opm.py", "keep = torch.rand(batch, len(mods), generator=gen) >= q_vec",
         "keep = torch.rand(batch, len(mods), generator=gen) < q_vec",
+        ["tests/test_regulators.py", "tests/test_released*.py"]),
+    "OPM: baseline added instead of subtracted (non-zero baseline)": (
+        "regulators/opm.py", "base + (f - base) * keep.view(shape).to(f.dtype) / (1 - q[m])",
+        "base + (f + base) * keep.view(shape).to(f.dtype) / (1 - q[m])",
         ["tests/test_regulators.py", "tests/test_released*.py"]),
     "OPM: scores not all-reduced (DDP)": (
         "regulators/opm.py", "s = all_reduce_sum(s)", "s = s", [DDP_TEST]),
@@ -294,6 +299,16 @@ def mutate(rel: str, site: Site, source: str) -> str:
     return ast.unparse(ast.fix_missing_locations(tree))
 
 
+def mutant_diff(base: Path, site: Site) -> tuple[str, ...]:
+    """The changed lines of a mutant (unparsed form): identifies it across edits of the file."""
+    import difflib
+    src = (base / "modaldiag" / site.file).read_text()
+    before = ast.unparse(ast.parse(src)).splitlines()
+    after = mutate(site.file, site, src).splitlines()
+    return tuple(ln.strip() for ln in difflib.unified_diff(before, after, lineterm="", n=0)
+                 if ln[:1] in "+-" and ln[:3] not in ("+++", "---"))
+
+
 def all_sites(base: Path = ROOT) -> list[Site]:
     files = sorted(str(p.relative_to(base / "modaldiag")) for d in SOURCES
                    for p in (base / d).glob("*.py") if p.name != "__init__.py")
@@ -407,6 +422,9 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds per mutant")
     ap.add_argument("--work", default="/tmp/modaldiag-mutation-tool")
     ap.add_argument("--show", nargs="*", default=None, help="FILE:SITE_NO: print the mutant's diff")
+    ap.add_argument("--rerun", nargs=2, metavar=("RESULTS", "OLD_WORK"), default=None,
+                    help="rerun the survivors of RESULTS (made on the snapshot OLD_WORK) on a "
+                         "fresh snapshot, matching each mutant by its changed lines")
     ap.add_argument("--catalogue", action="store_true", help="run the hand-written CATALOGUE")
     ap.add_argument("--bugs", default="", help="with --catalogue: only bugs whose name contains this")
     ap.add_argument("--out", default=None, help="JSON results (appended to as mutants finish)")
@@ -440,7 +458,21 @@ def main(argv=None) -> int:
             print(f"{c:5d}  {f}")
         print(f"{len(sites):5d}  total")
         return 0
-    if args.only:
+    if args.rerun:
+        old_work = Path(args.rerun[1])
+        old = json.loads(Path(args.rerun[0]).read_text())
+        old_sites = all_sites(old_work)
+        chosen = []
+        for row in old["mutants"]:
+            if row["status"] != "survived":
+                continue
+            f, no = row["site"].rsplit(":", 1)
+            key = mutant_diff(old_work, [x for x in old_sites if x.file == f][int(no)])
+            match = [x for x in sites if x.file == f and x.op == row["op"] and x.desc == row["desc"]
+                     and mutant_diff(work, x) == key]
+            print(f"rerun {row['site']}: {'found' if match else 'gone from the current code'}")
+            chosen += match[:1]
+    elif args.only:
         chosen = []
         for spec in args.only:
             f, no = spec.rsplit(":", 1)

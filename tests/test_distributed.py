@@ -53,6 +53,8 @@ LOGGED = {
     "joint": set(),
     "InfoReg": {"alpha", "delta", "score", "trace", "window_open", "window_rho"},
     "InfoReg*": {"alpha", "delta", "score", "trace", "window_open", "window_rho"},
+    "InfoReg (released)": {"alpha", "delta", "score", "trace", "weight", "window_open",
+                           "window_rho"},
     "Relearning": {"alpha", "gap", "resets"},
     "OGM-GE": {"coefficient", "rho"},
     "OPM": {"q", "rho"},

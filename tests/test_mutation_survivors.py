@@ -66,6 +66,68 @@ def test_probes_print_no_progress_bar_unless_asked(tmp_path, capfd):
     shapley_to_disk(model, loader, tmp_path / "sv", progress=False)
     md.fisher_trace(model, loader)
     out, err = capfd.readouterr()
-    assert "shapley" not in err and "%|" not in err and out == ""
+    assert "shapley" not in err and "batch" not in err and out == ""
     shapley_to_disk(model, loader, tmp_path / "sv2", progress=True)
-    assert "%|" in capfd.readouterr().err  # the bar exists when asked for
+    assert "shapley" in capfd.readouterr().err  # the bar exists when asked for
+
+
+def test_theil_sen_slope_is_the_median_of_pairwise_slopes():
+    from modaldiag.probes.window import _theil_sen
+
+    # 3 points -> 3 slopes (odd count): (1-0)/1, (5-0)/2, (5-1)/1 = 1, 2.5, 4 -> median 2.5
+    assert _theil_sen([0.0, 1.0, 5.0]) == 2.5
+    # 4 points -> 6 slopes (even count): mean of the two middle ones
+    y = [0.0, 1.0, 5.0, 6.0]
+    slopes = sorted((y[j] - y[i]) / (j - i) for i in range(4) for j in range(i + 1, 4))
+    assert _theil_sen(y) == 0.5 * (slopes[2] + slopes[3])
+    assert _theil_sen([3.0, 1.0, -1.0, -3.0, -5.0]) == -2.0  # a line: its slope exactly
+
+
+def test_per_class_unimodal_accuracy_is_each_modalitys_own():
+    from conftest import make_inputs, make_model
+
+    model = make_model(3, "gated", num_classes=3, seed=2).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p, generator=None))
+    x = make_inputs(model, batch=30, seed=5)
+    y = torch.arange(30) % 3
+    res = md.probes.evaluate(model, [(x, y)])
+    with torch.no_grad():
+        feats = model.encode(x)
+        preds = {m: model.head(feats, present=[m]).argmax(1) for m in model.modalities}
+        fused = model.head(feats).argmax(1)
+    distinct = set()
+    for c in range(3):
+        sel = y == c
+        assert res.per_class[c]["n"] == int(sel.sum())
+        assert res.per_class[c]["acc"] == pytest.approx(float((fused[sel] == c).double().mean()))
+        for m in model.modalities:
+            want = float((preds[m][sel] == c).double().mean())
+            assert res.per_class[c]["unimodal_acc"][m] == pytest.approx(want), (c, m)
+            distinct.add(round(want, 6))
+    assert len(distinct) > 2  # the modalities' accuracies differ, so a swapped index shows
+
+
+class _Centering(nn.Module):
+    """An encoder whose samples interact: it subtracts the batch mean (like batch statistics)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 4)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h - h.mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("n", [2, 3, 6])
+def test_hook_engine_refuses_interacting_samples_at_every_batch_size(n):
+    """The interaction check runs a sub-batch alone; it must be a strict subset even at n = 2."""
+    torch.manual_seed(0)
+    encs = {"a": _Centering(), "b": md.models.MLPEncoder(5, 4, hidden=(6,))}
+    model = md.MultimodalClassifier(encs, {"a": 4, "b": 4}, 3)
+    g = torch.Generator().manual_seed(1)
+    x = {"a": torch.randn(n, 5, generator=g) * 3, "b": torch.randn(n, 5, generator=g)}
+    with pytest.raises(ValueError, match="samples interact"):
+        md.fisher_trace(model, [(x, torch.arange(n) % 3)], engine="hooks")

@@ -880,7 +880,7 @@ def test_inforeg_star_gradient_equals_autograd_of_joint_plus_unimodal_ce():
     run.epoch_start(0, [(x, y)])
     opt.zero_grad()
     run.backward(x, y)  # step 0: the weights equal the anchors, so the proximal term is 0
-    for (n, p), g, g0 in zip(model.named_parameters(), want, plain, strict=True):
+    for (n, p), g in zip(model.named_parameters(), want, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7, msg=n)
     # the unimodal terms really change the gradient (of encoders and head)
     assert max((g - g0).abs().max().item() for g, g0 in zip(want, plain, strict=True)) > 1e-3
@@ -1014,3 +1014,28 @@ def test_ogm_ge_noise_std_is_the_unmodulated_std_per_tensor_at_alpha_above_zero(
             assert abs(noise.mean().item()) < 4 * want / math.sqrt(noise.numel()) + 1e-12
     for g0, p in zip(head_before, model.fusion.parameters(), strict=True):
         assert torch.equal(p.grad, g0)  # no noise on the head
+
+
+def test_opm_with_a_mean_baseline_drops_to_the_baseline_and_rescales_the_deviation():
+    """f' = b + (f - b) * keep / (1 - q): dropped rows become the baseline b, kept rows keep their
+    deviation from b, rescaled; with a non-zero b (not only the zero default)."""
+    torch.manual_seed(0)
+    model = make_model(2, "concat")
+    x = make_inputs(model, batch=400, seed=3)
+    x["m0"] = x["m0"] * 4
+    y = torch.arange(400) % 3
+    model.set_baseline({"m0": torch.full((4,), 0.7), "m1": torch.full((5,), -0.3)})
+    reg = md.OPM(q_base=0.5, lam=0.5, p_exe=1.0)
+    feats = {m: f.detach() for m, f in model.encode(x).items()}
+    out = reg.transform_features(feats, StepContext(model=model, labels=y, epoch=0, step=2))
+    assert reg.last_masks, "nothing was dropped: the case does not test the rescaling"
+    q_logged = reg.collect_logs()["q"]  # one step: the epoch mean is that step's q
+    for m, keep in reg.last_masks.items():
+        base = model.absent_feature(m, feats[m])
+        assert float(base.abs().min()) > 0.2  # really a non-zero baseline
+        q = q_logged[m]
+        assert 0 < q < 1
+        dropped = ~keep
+        assert dropped.any() and keep.any()
+        torch.testing.assert_close(out[m][dropped], base[dropped])
+        torch.testing.assert_close(out[m][keep], base[keep] + (feats[m][keep] - base[keep]) / (1 - q))

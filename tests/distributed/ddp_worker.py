@@ -22,6 +22,7 @@ REGULATORS = {
     "joint": lambda: None,
     "InfoReg": lambda: md.InfoReg(),
     "InfoReg*": lambda: md.InfoReg(unimodal_loss=True),
+    "InfoReg (released)": lambda: md.InfoReg(variant="released"),
     "Relearning": lambda: md.Relearning(every=1, max_resets=2),
     "OGM-GE": lambda: md.OGM(noise=True),
     "OPM": lambda: md.OPM(),
