@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -10,7 +12,9 @@ from benchmarks.cases import all_cases, run_case
 
 def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
-        cases = all_cases(Path(tempfile.mkdtemp(prefix="modaldiag-reliability-")))
+        scratch = tempfile.mkdtemp(prefix="modaldiag-reliability-")
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+        cases = all_cases(Path(scratch))
         metafunc.parametrize("case", cases, ids=[f"{c.area}:{c.name}" for c in cases])
 
 
