@@ -138,3 +138,18 @@ def test_diagnose_bad_arguments_name_the_parameter(synth):
             md.diagnose(model, loader, **kwargs)
     with pytest.raises(ValueError, match=r"under_optimisation: lr must be a finite number in \(0"):
         md.probes.under_optimisation(model, loader, loader, lr=float("nan"))
+
+
+def test_save_never_overwrites_files_in_a_folder_modaldiag_did_not_create(tmp_path, synth):
+    model = md.models.default_model(synth, feature_dim=8)
+    rep = md.diagnose(model, synth.train.loader(128), synth.val.loader(128), fisher=None)
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "report.html").write_text("my own report")
+    with pytest.raises(ValueError, match=r"already holds \['report.html'\].*nothing was overwritten"):
+        rep.save(foreign)
+    assert (foreign / "report.html").read_text() == "my own report"
+    assert not (foreign / "diagnosis.json").exists()
+    out = rep.save(tmp_path / "new")  # a new folder is marked, so saving again replaces its files
+    assert (out / ".modaldiag").is_file() and (out / "report.html").is_file()
+    rep.save(out)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..utils.io import atomic_write_json
+from ..utils.io import atomic_write_json, read_marker, write_marker
 from ..utils.validation import (
     BOOL,
     POSITIVE,
@@ -44,6 +44,27 @@ from .shapley import ShapleyValues, shapley
 from .unimodal import EvalResult, evaluate
 
 __all__ = ["diagnose", "Diagnosis", "Evidence", "under_optimisation"]
+
+#: HTML and figure writers for :class:`Diagnosis`, registered by :mod:`modaldiag.report` (the
+#: layer above probes), which ``import modaldiag`` always loads.
+_RENDERERS: dict = {}
+#: the files Diagnosis.save writes (it refuses to overwrite them in a folder it did not create)
+_REPORT_FILES = {"diagnosis.json", "report.html", *(f"{stem}.{ext}" for stem in
+                 ("unimodal", "shapley", "separability") for ext in ("png", "svg"))}
+
+
+def register_renderers(*, to_html, save) -> None:
+    """Register ``to_html(rep, title, class_names) -> str`` and
+    ``save(rep, directory, title, class_names)`` (figures + report.html) for :class:`Diagnosis`."""
+    _RENDERERS.update(to_html=to_html, save=save)
+
+
+def _renderer(kind: str):
+    if kind not in _RENDERERS:
+        raise RuntimeError("the diagnosis report writers are not registered; import modaldiag "
+                           "(or modaldiag.report) before calling Diagnosis.to_html/save.")
+    return _RENDERERS[kind]
+
 
 
 @dataclass
@@ -124,29 +145,26 @@ class Diagnosis:
 
     def to_html(self, title: str = "modaldiag diagnosis", class_names=None) -> str:
         """A self-contained HTML page (figures embedded; every name escaped)."""
-        from ..report.diagnosis import diagnosis_html
-
-        return diagnosis_html(self, title, class_names)
+        return _renderer("to_html")(self, title, class_names)
 
     def save(self, directory, *, title: str = "modaldiag diagnosis", class_names=None) -> Path:
         """Write ``diagnosis.json``, ``report.html`` and figures (PNG + SVG) into ``directory``.
 
         Each file is written atomically (temp file + rename); each figure is drawn once.
         """
-        from ..report import plots
-        from ..report.diagnosis import diagnosis_figures, diagnosis_html
-        from ..report.html import figure_to_data_uri
-        from ..utils.io import atomic_write_text
-
         directory = Path(directory)
+        if read_marker(directory) is None:
+            clash = sorted(p.name for p in directory.glob("*") if p.name in _REPORT_FILES)
+            if clash:
+                raise ValueError(
+                    f"{str(directory)!r} already holds {clash} and modaldiag did not create that "
+                    "folder (no .modaldiag marker); nothing was overwritten. Save into a new or "
+                    "empty folder.")
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_json(directory / "diagnosis.json", self.to_dict())
-        embedded = []
-        for stem, (fig, caption) in diagnosis_figures(self).items():
-            embedded.append((figure_to_data_uri(fig, close=False), caption))
-            plots.save_figure(fig, directory / stem)
-        atomic_write_text(directory / "report.html",
-                          diagnosis_html(self, title, class_names, figures=embedded))
+        _renderer("save")(self, directory, title, class_names)
+        if read_marker(directory) is None:
+            write_marker(directory, "diagnosis")
         return directory
 
     def __repr__(self) -> str:

@@ -1,5 +1,5 @@
 """Figures and reports, built from result objects and History only."""
 
-from . import html, plots
+from . import diagnosis, html, plots
 
-__all__ = ["plots", "html"]
+__all__ = ["plots", "html", "diagnosis"]

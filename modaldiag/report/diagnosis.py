@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from ..probes.diagnose import register_renderers
+from ..utils.io import atomic_write_text
 from . import plots
 from .html import Section, Table, figure_to_data_uri, render_page
 
-__all__ = ["diagnosis_sections", "diagnosis_html", "diagnosis_figures"]
+__all__ = ["diagnosis_sections", "diagnosis_html", "diagnosis_figures", "write_diagnosis"]
 
 
 def diagnosis_figures(rep) -> dict:
@@ -77,3 +81,18 @@ def diagnosis_html(rep, title: str = "modaldiag diagnosis", class_names=None,
                    figures: list[tuple[str, str]] | None = None) -> str:
     return render_page(title, diagnosis_sections(rep, class_names=class_names, figures=figures),
                        subtitle=f"modalities: {', '.join(rep.modalities)}")
+
+
+def write_diagnosis(rep, directory: Path, title: str = "modaldiag diagnosis",
+                    class_names=None) -> None:
+    """Figures (PNG + SVG) and ``report.html`` of ``rep`` into ``directory``; each figure is
+    drawn once and embedded in the page."""
+    embedded = []
+    for stem, (fig, caption) in diagnosis_figures(rep).items():
+        embedded.append((figure_to_data_uri(fig, close=False), caption))
+        plots.save_figure(fig, directory / stem)
+    atomic_write_text(directory / "report.html",
+                      diagnosis_html(rep, title, class_names, figures=embedded))
+
+
+register_renderers(to_html=diagnosis_html, save=write_diagnosis)

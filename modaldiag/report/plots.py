@@ -10,6 +10,7 @@ from explicit handles so a name with a leading underscore (``_aux``) is not drop
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,9 +18,14 @@ import matplotlib
 
 matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from ..probes.window import LearningWindow  # noqa: E402
+from ..probes.window import learning_window as detect  # noqa: E402
+from ..utils.io import atomic_write_bytes  # noqa: E402
 
 __all__ = ["modality_colors", "unimodal_accuracy", "learning_window", "shapley", "separability",
            "unimodal_bars", "compare", "save_figure"]
@@ -78,9 +84,6 @@ def learning_window(history, *, rule: str = "paper", K: float | None = None):
     :class:`~modaldiag.probes.LearningWindow`). When a regulator logged per-modality strength
     (``regulator.alpha``), it is drawn on a second axis.
     """
-    from ..probes.window import LearningWindow
-    from ..probes.window import learning_window as detect
-
     _style()
     win = history if isinstance(history, LearningWindow) else detect(history, rule=rule, K=K)
     mods = win.modalities
@@ -116,8 +119,6 @@ def learning_window(history, *, rule: str = "paper", K: float | None = None):
 
 def shapley(sv):
     """Per-modality distributions of sample-level Shapley values and low-contribution shares."""
-    import numpy as np
-
     _style()
     mods = list(sv.modalities)
     colors = modality_colors(mods)
@@ -147,8 +148,6 @@ def shapley(sv):
 
 def separability(sep):
     """Train/val k-means purity and the gap per modality (and linear-probe accuracy if present)."""
-    import numpy as np
-
     _style()
     mods = list(sep)
     colors = modality_colors(mods)
@@ -233,10 +232,6 @@ def compare(histories, *, split: str = "val"):
 
 def save_figure(fig, path_stem: str | Path, formats: Sequence[str] = ("png", "svg")) -> list[Path]:
     """Save ``fig`` as ``<stem>.png`` and ``<stem>.svg`` (atomically) and close it."""
-    import io
-
-    from ..utils.io import atomic_write_bytes
-
     out = []
     for fmt in formats:
         buf = io.BytesIO()
