@@ -59,13 +59,15 @@ def released_betas(score_a, score_v, k):
     return 0.0, 0.0
 
 
-def oracle_logits(model, x):
-    """Multimodal and unimodal logits of the concat head, written out by hand."""
+def oracle_logits(model, x, bias_share=2):
+    """Multimodal and unimodal logits of the concat head, written out by hand (released
+    ``main.py``: ``out_a = a @ W[:, :512].T + bias / 2``, with gradient). ``bias_share=1``:
+    modaldiag's paper form for concat (the other modality's features at baseline 0)."""
     f = [model.encoders[m](x[m]) for m in NAMES]
     w, b = model.fusion.fc.weight, model.fusion.fc.bias
     out = torch.cat(f, 1) @ w.T + b
-    out_a = f[0] @ w[:, :DIMS["m0"]].T + b
-    out_v = f[1] @ w[:, DIMS["m0"]:].T + b
+    out_a = f[0] @ w[:, :DIMS["m0"]].T + b / bias_share  # main.py: head.bias / 2
+    out_v = f[1] @ w[:, DIMS["m0"]:].T + b / bias_share
     return out, out_a, out_v
 
 
@@ -241,6 +243,41 @@ def test_released_training_equals_transcription_window_closes_then_reopens():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
 
 
+def test_released_unimodal_logits_halve_the_bias_and_the_full_bias_is_caught():
+    """The released logits are W_m f_m + b/2; the baseline form (full bias) trains differently."""
+    batches = make_batches()
+    finals = {}
+    for logits in ("released", "baseline"):
+        net = make_net()
+        with torch.no_grad():
+            net.fusion.fc.bias.copy_(torch.tensor([1.0, -0.5, 0.2]))  # a bias far from 0
+        run_modaldiag(net, sgd(net), md.InfoReg(variant="released", logits=logits), batches,
+                      epochs=2)
+        finals[logits] = torch.cat([p.detach().flatten() for p in net.parameters()])
+    ref = make_net()
+    with torch.no_grad():
+        ref.fusion.fc.bias.copy_(torch.tensor([1.0, -0.5, 0.2]))
+    ref_opt, audio = sgd(ref), [0.0] * 10
+    ref.train()
+    for _ in range(2):
+        audio.append(oracle_epoch(ref, ref_opt, batches, audio)[2]["m0"])
+    oracle = torch.cat([p.detach().flatten() for p in ref.parameters()])
+    torch.testing.assert_close(finals["released"], oracle, rtol=1e-5, atol=1e-6)
+    assert (finals["baseline"] - oracle).abs().max() > 1e-3
+
+
+def test_released_logits_refuse_a_head_without_a_released_definition():
+    torch.manual_seed(0)
+    net = md.MultimodalClassifier({m: nn.Linear(3, 4) for m in NAMES}, {m: 4 for m in NAMES}, 3,
+                                  fusion="gated")
+    run = md.Regulation(net, sgd(net), md.InfoReg(variant="released"))
+    x = {m: torch.randn(4, 3) for m in NAMES}
+    with pytest.raises(ValueError, match=r"InfoReg\(variant='released'\).*'gated'"):
+        run.epoch_start(0, [(x, torch.tensor([0, 1, 2, 0]))])
+        run.backward(x, torch.tensor([0, 1, 2, 0]))
+    md.InfoReg(variant="released", logits="baseline")  # the explicit override is accepted
+
+
 def _one_regulated_step(reg, seed=5):
     """Epoch start, move the weights off the anchors, one step; returns (model, grads before the
     proximal term, grads after it)."""
@@ -304,7 +341,7 @@ def test_accumulation_delta_from_step_or_last_micro_batch(variant):
     probs = []
     with torch.no_grad():
         for x, y in batches:
-            _, out_a, out_v = oracle_logits(ref, x)
+            _, out_a, out_v = oracle_logits(ref, x, bias_share=2 if variant == "released" else 1)
             probs.append((true_prob_sum(out_a, y), true_prob_sum(out_v, y), len(y)))
     if variant == "released":  # batch sums of the last micro-batch, the released coefficient
         sa, sv, _ = probs[-1]
@@ -334,14 +371,22 @@ def test_accumulation_forms_differ_where_micro_batches_disagree():
 def test_paper_and_released_coefficients_differ_on_the_same_batch():
     reg_p, reg_r = md.InfoReg(), md.InfoReg(variant="released")
     got = {}
+    expected = {}
     for name, reg in (("paper", reg_p), ("released", reg_r)):
         model, run, x, y = _one_regulated_step(reg)
         run.ctx.optimizer.zero_grad()
         run.backward(x, y)
         got[name] = run.epoch_end()["regulator"]
+        with torch.no_grad():  # lr = 0: the weights of the step; train mode: batch statistics
+            _, out_a, out_v = oracle_logits(model, x, bias_share=2 if name == "released" else 1)
+        scale = 1 if name == "released" else len(y)
+        expected[name] = {"m0": true_prob_sum(out_a, y) / scale,
+                          "m1": true_prob_sum(out_v, y) / scale}
     sp, sr = got["paper"]["score"], got["released"]["score"]
-    # paper: means; released: sums over the batch of 8
-    assert sr["m0"] == pytest.approx(8 * sp["m0"], rel=1e-6)
+    # paper: means of the baseline form (full bias); released: sums with the bias halved
+    assert sp == pytest.approx(expected["paper"], rel=1e-6)
+    assert sr == pytest.approx(expected["released"], rel=1e-6)
+    assert sr["m0"] != pytest.approx(8 * sp["m0"], rel=1e-3)  # the two forms' logits differ
     a_paper = (paper_alpha(sp["m0"] - sp["m1"]), paper_alpha(sp["m1"] - sp["m0"]))
     a_rel = released_betas(sr["m0"], sr["m1"], 1.0)
     assert (got["paper"]["alpha"]["m0"], got["paper"]["alpha"]["m1"]) == pytest.approx(a_paper, rel=1e-6)

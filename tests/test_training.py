@@ -510,3 +510,34 @@ def test_divergence_seen_only_by_validation_is_named_as_divergence(tmp_path):
     assert "nothing of epoch 0 was saved" in str(info.value)
     assert not (tmp_path / "ckpt" / "best.pt").exists()
     assert not (tmp_path / "ckpt" / "last.pt").exists()
+
+
+def test_max_grad_norm_clips_regulator_owned_heads_too(synth):
+    """Plain SGD, one step: every stepped parameter (the model's and MMPareto's separate unimodal
+    heads) moves by at most lr * max_grad_norm in total; the heads alone would exceed it."""
+    def one_step(max_grad_norm):
+        torch.manual_seed(0)
+        model = md.models.default_model(synth, feature_dim=16)
+        reg = md.MMPareto(unimodal_heads="separate")
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        md.fit(model, synth.train.loader(10_000), optimizer=opt, regulator=reg, epochs=1,
+               max_grad_norm=max_grad_norm, progress=False)
+        return model, reg
+
+    _, unclipped_reg = one_step(None)
+    torch.manual_seed(0)
+    start = md.models.default_model(synth, feature_dim=16)
+    clipped_model, clipped_reg = one_step(1e-3)
+    moved = [(a - b).detach() for a, b in zip(clipped_model.parameters(), start.parameters(),
+                                                 strict=True)]
+    head_init = md.MMPareto(unimodal_heads="separate")
+    head_init._create_heads(start, start.feature_dims)
+    for m, lin in clipped_reg.heads.items():
+        init = head_init.heads[m]
+        moved += [lin.weight.detach() - init.weight, lin.bias.detach() - init.bias]
+    total = torch.cat([t.flatten() for t in moved]).norm()
+    assert total <= 1e-3 * (1 + 1e-4)
+    assert total > 0.5e-3  # the step was taken (clipped, not skipped)
+    unclipped_heads = torch.cat([(lin.weight - head_init.heads[m].weight).flatten()
+                                 for m, lin in unclipped_reg.heads.items()]).norm()
+    assert unclipped_heads > 1e-2  # without clipping the heads alone move far more

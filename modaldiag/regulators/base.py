@@ -18,12 +18,14 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
+from ..models.fusion import ConcatFusion, LateFusion
 from ..training.callbacks import Callback, check_composition
 from ..utils.distributed import all_reduce_sum
 from ..utils.validation import NON_NEGATIVE_INT, POSITIVE_INT, validate_params
 
 __all__ = ["Regulator", "all_reduce_sum", "check_composition", "encoder_parameters",
-           "squared_norm", "true_class_prob_sums", "SEED", "EPOCH_END", "check_epoch_range"]
+           "squared_norm", "true_class_prob_sums", "SEED", "EPOCH_END", "check_epoch_range",
+           "check_released_head", "released_unimodal_logits", "released_score_sums"]
 
 #: a generator seed: a non-negative integer
 SEED = NON_NEGATIVE_INT
@@ -56,6 +58,50 @@ def squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor | None:
 def encoder_parameters(model, modality: str) -> list[torch.nn.Parameter]:
     """Trainable parameters of ``model.encoders[modality]`` (module identity)."""
     return [p for p in model.encoders[modality].parameters() if p.requires_grad]
+
+
+def check_released_head(model, owner: str) -> None:
+    """Raise unless the model's head has the released code's unimodal-logit definition."""
+    fusion = getattr(model, "fusion", None)
+    if isinstance(fusion, (ConcatFusion, LateFusion)):
+        return
+    kind = getattr(model, "fusion_type", type(fusion).__name__ if fusion is not None else "custom")
+    raise ValueError(
+        f"{owner}(variant='released') needs the released code's unimodal logits, which exist only "
+        f"for a linear concat head (W_m f_m + b/M) and a per-modality linear head summed "
+        f"(fc_m(f_m), fusion='late', the released SumFusion); this model's head is {kind!r}, "
+        "where the released code defines none (its film/gated branches reuse the fused logits). "
+        f"Use {owner}(variant='paper'), whose unimodal logits (other modalities at their baseline) "
+        "exist for every head.")
+
+
+def released_unimodal_logits(model, features, *, grad: bool = False) -> dict[str, torch.Tensor]:
+    """The released code's unimodal logits ``{m: (B, C)}``: ``W_m f_m + b/M`` (concat head),
+    ``fc_m(f_m)`` (per-modality linear heads, ``late``). Raises ValueError for any other head.
+
+    ``grad=False`` (default): detached, for scores. ``grad=True``: differentiable in the features,
+    the head's weight slice and its bias share, as in the released unimodal cross-entropies
+    (InfoReg's ``loss_out_a``/``loss_out_v``)."""
+    check_released_head(model, "OGM/OPM/InfoReg")
+    fusion = model.fusion
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        feats = {m: (f if grad else f.detach()) for m, f in features.items()}
+        if isinstance(fusion, LateFusion):
+            return {m: fusion.heads[m](feats[m]) for m in fusion.modalities}
+        dims = [fusion.feature_dims[m] for m in fusion.modalities]
+        weights = fusion.fc.weight.split(dims, dim=1)
+        bias = fusion.fc.bias
+        share = bias / len(dims) if bias is not None else 0.0
+        return {m: feats[m].to(w.dtype) @ w.T + share
+                for m, w in zip(fusion.modalities, weights, strict=True)}
+
+
+def released_score_sums(model, features, labels) -> torch.Tensor:
+    """``(M,)`` batch sums of the true-class softmax of the released unimodal logits."""
+    uni = released_unimodal_logits(model, features)
+    return torch.stack([F.softmax(uni[m].float(), 1).gather(1, labels[:, None]).sum()
+                        for m in model.modalities])
+
 
 
 class Regulator(Callback):

@@ -24,8 +24,11 @@ the others), ``rule="code"`` (10-epoch moving averages of the first modality's t
 every epoch), ``trace="code"`` (squared batch gradients of the encoders' Conv/Linear *weights*,
 summed over the epoch's batches, element mean per layer, summed over layers; the gradient is that
 of the whole training loss including the unimodal cross-entropies and the proximal term),
-``unimodal_loss=True`` (the released loss is always multimodal + unimodal CE, i.e. InfoReg*) and
-``accumulation="last"`` (with gradient accumulation, Delta from the last micro-batch of the step).
+``unimodal_loss=True`` (the released loss is always multimodal + unimodal CE, i.e. InfoReg*),
+``accumulation="last"`` (with gradient accumulation, Delta from the last micro-batch of the step)
+and ``logits="released"`` (unimodal logits ``W_m f_m + b/M`` of a concat head, ``fc_m(f_m)`` of a
+``late`` head, for both the scores and the unimodal cross-entropies, whose gradient reaches the
+head's weight slice and its bias share; other heads are refused).
 Any finer option passed explicitly overrides the variant's choice.
 """
 
@@ -41,16 +44,24 @@ from ..probes.fisher import _code_compat_layers, fisher_trace
 from ..probes.unimodal import inforeg_gap
 from ..probes.window import window_state
 from ..utils.validation import BOOL, NON_NEGATIVE, POSITIVE, Interval, Options, Satisfies
-from .base import Regulator, all_reduce_sum, encoder_parameters, squared_norm, true_class_prob_sums
+from .base import (
+    Regulator,
+    all_reduce_sum,
+    check_released_head,
+    encoder_parameters,
+    released_unimodal_logits,
+    squared_norm,
+    true_class_prob_sums,
+)
 
 __all__ = ["InfoReg", "lead_gap", "inforeg_coefficients", "VARIANTS"]
 
 #: the finer options each variant sets (an explicit argument overrides them)
 VARIANTS = {
     "paper": {"rule": "paper", "trace": "online", "score": "prob", "coefficient": "paper",
-              "unimodal_loss": False, "accumulation": "step"},
+              "unimodal_loss": False, "accumulation": "step", "logits": "baseline"},
     "released": {"rule": "code", "trace": "code", "score": "code", "coefficient": "code",
-                 "unimodal_loss": True, "accumulation": "last"},
+                 "unimodal_loss": True, "accumulation": "last", "logits": "released"},
 }
 
 
@@ -110,7 +121,7 @@ class InfoReg(Regulator):
     variant : {"paper", "released"}, default "paper"
         ``"released"``: the authors' public code; sets ``rule="code"``, ``trace="code"``,
         ``score="code"``, ``coefficient="code"``, ``unimodal_loss=True``,
-        ``accumulation="last"``. The finer options below override it when given explicitly.
+        ``accumulation="last"``, ``logits="released"``. The finer options below override it when given explicitly.
     rule : {"paper", "code", "robust"}, default from ``variant`` ("paper")
         Window rule (see :func:`modaldiag.learning_window`). The paper rule is one interval (once
         closed, it stays closed); the code rule is re-evaluated every epoch, as released; the
@@ -133,6 +144,10 @@ class InfoReg(Regulator):
         With gradient accumulation, compute the scores (hence Delta and alpha) over every
         micro-batch of the optimizer step (``step``), or from the last micro-batch only (``last``,
         the released code's behaviour under a naive accumulation). Identical without accumulation.
+    logits : {"baseline", "released"}, default from ``variant`` ("baseline")
+        Unimodal logits for the scores and the InfoReg* losses: ``head(present=(m,))`` (the other
+        modalities at their baseline; every head), or the released code's ``W_m f_m + b/M``
+        (concat) / ``fc_m(f_m)`` (late) — see :func:`modaldiag.released_unimodal_logits`.
     multi : {"continuous", "leaders"}, default "continuous"
         The rule for M > 2 (identical at M = 2): see the module docstring.
     regulate_always : bool, default False
@@ -155,6 +170,7 @@ class InfoReg(Regulator):
         "coefficient": [Options("paper", "code"), None],
         "unimodal_loss": [BOOL, None],
         "accumulation": [Options("step", "last"), None],
+        "logits": [Options("baseline", "released"), None],
         "multi": [Options("continuous", "leaders")],
         "regulate_always": [BOOL],
         "code_scale": [Satisfies(lambda v: isinstance(v, (tuple, list)) and len(v) == 2
@@ -165,20 +181,23 @@ class InfoReg(Regulator):
     def __init__(self, beta: float = 0.9, K: float | None = None, *, variant: str = "paper",
                  rule: str | None = None, trace: str | None = None, score: str | None = None,
                  coefficient: str | None = None, unimodal_loss: bool | None = None,
-                 accumulation: str | None = None, multi: str = "continuous",
+                 accumulation: str | None = None, logits: str | None = None,
+                 multi: str = "continuous",
                  regulate_always: bool = False, code_scale: tuple[float, float] = (0.95, 0.1)):
         self._validate(beta=beta, K=K, variant=variant, rule=rule, trace=trace, score=score,
                        coefficient=coefficient, unimodal_loss=unimodal_loss,
-                       accumulation=accumulation, multi=multi, regulate_always=regulate_always,
+                       accumulation=accumulation, logits=logits, multi=multi, regulate_always=regulate_always,
                        code_scale=code_scale)
         given = {"rule": rule, "trace": trace, "score": score, "coefficient": coefficient,
-                 "unimodal_loss": unimodal_loss, "accumulation": accumulation}
+                 "unimodal_loss": unimodal_loss, "accumulation": accumulation, "logits": logits}
         opts = {k: (VARIANTS[variant][k] if v is None else v) for k, v in given.items()}
         super().__init__()
         self.beta, self.K, self.variant = float(beta), K, variant
         self.rule, self.trace = opts["rule"], opts["trace"]
         self.score, self.coefficient = opts["score"], opts["coefficient"]
         self.unimodal_loss, self.accumulation = opts["unimodal_loss"], opts["accumulation"]
+        self.logits = opts["logits"]
+        self.needs_unimodal_logits = self.logits == "baseline"
         self.multi = multi
         self.regulate_always = regulate_always
         self.code_scale = tuple(float(c) for c in code_scale)
@@ -199,6 +218,7 @@ class InfoReg(Regulator):
         return {"beta": self.beta, "K": self.K, "variant": self.variant, "rule": self.rule,
                 "trace": self.trace, "score": self.score, "coefficient": self.coefficient,
                 "unimodal_loss": self.unimodal_loss, "accumulation": self.accumulation,
+                "logits": self.logits,
                 "multi": self.multi, "regulate_always": self.regulate_always,
                 "code_scale": self.code_scale}
 
@@ -234,14 +254,13 @@ class InfoReg(Regulator):
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
-    def _batch_stats(self, ctx) -> torch.Tensor:
+    def _batch_stats(self, unimodal_logits, labels, modalities) -> torch.Tensor:
         """``(M + 1,)``: per modality the batch sum of the score statistic, then the batch size."""
-        labels = ctx.labels
         if self.score == "neg_ce":
-            stats = torch.stack([-F.cross_entropy(ctx.unimodal_logits[m].detach().float(), labels,
-                                                  reduction="sum") for m in ctx.model.modalities])
+            stats = torch.stack([-F.cross_entropy(unimodal_logits[m].detach().float(), labels,
+                                                  reduction="sum") for m in modalities])
         else:
-            stats = true_class_prob_sums(ctx.unimodal_logits, labels, ctx.model.modalities)
+            stats = true_class_prob_sums(unimodal_logits, labels, modalities)
         return torch.cat([stats, stats.new_tensor([float(labels.shape[0])])])
 
     def _fold_pending(self) -> None:
@@ -270,12 +289,23 @@ class InfoReg(Regulator):
         return inforeg_coefficients(scores, beta=self.beta, coefficient=self.coefficient,
                                     code_scale=self.code_scale, multi=self.multi, window=window)
 
+    def on_fit_start(self, ctx) -> None:
+        if self.logits == "released":
+            check_released_head(ctx.model, "InfoReg")
+        super().on_fit_start(ctx)
+
+    def _unimodal_logits(self, ctx) -> dict[str, torch.Tensor]:
+        if self.logits == "released":
+            return released_unimodal_logits(ctx.model, ctx.features, grad=self.unimodal_loss)
+        return ctx.unimodal_logits
+
     def on_after_forward(self, ctx) -> None:
+        uni = self._unimodal_logits(ctx)
         if self.unimodal_loss:
-            for m, lg in ctx.unimodal_logits.items():
+            for m, lg in uni.items():
                 ctx.losses[f"unimodal/{m}"] = F.cross_entropy(lg, ctx.labels)
         # a skipped (non-finite) batch is replaced by the next forward and never counted
-        self._pending = self._batch_stats(ctx)
+        self._pending = self._batch_stats(uni, ctx.labels, ctx.model.modalities)
 
     def on_after_backward(self, ctx) -> None:
         self._fold_pending()

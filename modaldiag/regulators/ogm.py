@@ -31,10 +31,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..models.fusion import ConcatFusion, LateFusion
 from ..probes.unimodal import ogm_ratio
 from ..utils.validation import BOOL, NON_NEGATIVE, NON_NEGATIVE_INT, Options, as_plain_int
 from .base import (
@@ -43,6 +41,9 @@ from .base import (
     Regulator,
     all_reduce_sum,
     check_epoch_range,
+    check_released_head,
+    released_score_sums,
+    released_unimodal_logits,
     true_class_prob_sums,
 )
 
@@ -65,44 +66,6 @@ def ogm_coefficients(scores: dict[str, float], alpha: float,
         if not rho[second] > 1:
             k[first], k[second] = 1.0 - math.tanh(alpha * max(0.0, rho[first])), 1.0
     return k, rho
-
-
-def check_released_head(model, owner: str) -> None:
-    """Raise unless the model's head has the released code's unimodal-logit definition."""
-    fusion = getattr(model, "fusion", None)
-    if isinstance(fusion, (ConcatFusion, LateFusion)):
-        return
-    kind = getattr(model, "fusion_type", type(fusion).__name__ if fusion is not None else "custom")
-    raise ValueError(
-        f"{owner}(variant='released') needs the released code's unimodal logits, which exist only "
-        f"for a linear concat head (W_m f_m + b/M) and a per-modality linear head summed "
-        f"(fc_m(f_m), fusion='late', the released SumFusion); this model's head is {kind!r}, "
-        "where the released code defines none (its film/gated branches reuse the fused logits). "
-        f"Use {owner}(variant='paper'), whose unimodal logits (other modalities at their baseline) "
-        "exist for every head.")
-
-
-def released_unimodal_logits(model, features) -> dict[str, torch.Tensor]:
-    """The released code's unimodal logits (no grad): ``W_m f_m + b/M`` (concat), ``fc_m(f_m)``
-    (per-modality linear heads, ``late``). Raises ValueError for any other head."""
-    check_released_head(model, "OGM/OPM")
-    fusion = model.fusion
-    with torch.no_grad():
-        if isinstance(fusion, LateFusion):
-            return {m: fusion.heads[m](features[m].detach()) for m in fusion.modalities}
-        dims = [fusion.feature_dims[m] for m in fusion.modalities]
-        weights = fusion.fc.weight.detach().split(dims, dim=1)
-        bias = fusion.fc.bias
-        share = bias.detach() / len(dims) if bias is not None else 0.0
-        return {m: features[m].detach().to(w.dtype) @ w.T + share
-                for m, w in zip(fusion.modalities, weights, strict=True)}
-
-
-def released_score_sums(model, features, labels) -> torch.Tensor:
-    """``(M,)`` batch sums of the true-class softmax of the released unimodal logits."""
-    uni = released_unimodal_logits(model, features)
-    return torch.stack([F.softmax(uni[m].float(), 1).gather(1, labels[:, None]).sum()
-                        for m in model.modalities])
 
 
 def _conv_weights(encoder: nn.Module) -> list[nn.Parameter]:

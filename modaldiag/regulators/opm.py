@@ -40,9 +40,10 @@ from .base import (
     Regulator,
     all_reduce_sum,
     check_epoch_range,
+    check_released_head,
+    released_score_sums,
     true_class_prob_sums,
 )
-from .ogm import check_released_head, released_score_sums
 
 __all__ = ["OPM", "opm_drop_probability", "opm_released_theta"]
 

@@ -511,7 +511,8 @@ def fit(
         What to do with a batch whose loss is NaN/inf. Non-finite *weights* (parameters or
         BatchNorm running statistics) always raise, whatever this says.
     max_grad_norm : float > 0 or None, default None
-        Clip the gradient norm of the model's parameters before each step.
+        Clip the total gradient norm of every parameter the optimizer steps (the model's, and
+        regulator-owned ones such as MMPareto's separate unimodal heads) before each step.
     progress : bool, default True
         Show a tqdm bar over epochs.
     batch_size : int >= 1, default 64
@@ -711,7 +712,10 @@ def fit(
                 continue
             overflowed = []
             if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm)
+                # every parameter the optimizer steps, regulator-owned ones (MMPareto's
+                # separate unimodal heads) included
+                torch.nn.utils.clip_grad_norm_(
+                    [p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
