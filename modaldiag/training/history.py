@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from ..utils.io import atomic_write_json
 
 __all__ = ["History"]
@@ -28,6 +30,17 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float):
         return value
     return str(value)
+
+
+def _flatten(node: dict, prefix: str, out: dict) -> None:
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if name == "epoch":
+            continue
+        if isinstance(value, dict):
+            _flatten(value, f"{name}.", out)
+        else:
+            out[name] = value
 
 
 class History:
@@ -68,6 +81,21 @@ class History:
     @property
     def best_epoch(self) -> int | None:
         return self.meta.get("best_epoch")
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per epoch: column ``epoch``, then every metric flattened to a dotted column
+        name (``train.loss``, ``val.unimodal_acc.audio``, ``regulator.alpha.video``...), in the
+        order first seen. Lists (e.g. per-class values) stay as one cell each; a metric missing
+        from an epoch is NaN."""
+        rows = []
+        for i, rec in enumerate(self.epochs):
+            row: dict[str, Any] = {"epoch": rec.get("epoch", i)}
+            _flatten(rec, "", row)
+            rows.append(row)
+        frame = pd.DataFrame(rows)
+        if frame.empty:
+            return pd.DataFrame({"epoch": pd.Series([], dtype="int64")})
+        return frame
 
     def to_dict(self) -> dict:
         return {"format": "modaldiag.History", "version": FORMAT_VERSION,
