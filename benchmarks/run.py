@@ -18,7 +18,7 @@ from .common import code_fingerprint, machine_info, short
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITES = ["valuation", "fisher", "overhead", "scale", "diagnosis", "methods", "training", "window",
-          "relearning"]
+          "relearning", "contention"]
 
 
 READING = """## Reading the results
@@ -56,6 +56,12 @@ closes a few epochs in (figures below), so InfoReg regulates only early in train
 epoch by epoch, the paper's rule then flickers (up to 13 state changes in 20 epochs on hapt and
 nutrimouse); `rule="robust"` (smoothed log-trace growth with hysteresis, `window` below) closes
 at about the same epoch and changes state far less (see docs/probes.md).
+
+**Time to answer.** `training` sets `md.fit` beside a plain PyTorch loop on the same model, data
+and seed (target <= 1.1x) and times `md.diagnose` on hapt (target <= 20 s). `contention` runs the
+same hapt job with 1, 2 and modaldiag's default number of torch threads, alone and beside one
+busy process per core: torch's thread pool collapses when its threads share cores with other
+work, which is why the default is load-aware (see docs/performance.md).
 """
 
 

@@ -9,6 +9,7 @@
 from . import datasets, models, probes, regulators, report, training
 from .models import MultimodalClassifier, MultimodalModel, wrap
 from .probes import (
+    Diagnosis,
     diagnose,
     fisher_trace,
     learning_window,
@@ -16,14 +17,32 @@ from .probes import (
     shapley,
     unimodal_scores,
 )
-from .regulators import OGM, OPM, InfoReg, MMPareto, Regulator, Relearning, ValuationResampling
+from .regulators import (
+    AGM,
+    CML,
+    LFM,
+    MBSD,
+    OGM,
+    OPM,
+    PMR,
+    AMCo,
+    GBlending,
+    InfoReg,
+    MMCosine,
+    MMPareto,
+    Regulator,
+    Relearning,
+    ValuationResampling,
+)
 from .report import plots as plot
 from .training import Callback, History, Regulation, StepContext, fit
+from .utils.threads import set_threads
 
 __version__ = "0.1.0"
 
 __all__ = ["MultimodalClassifier", "MultimodalModel", "wrap", "datasets", "models", "probes",
-           "training", "report", "plot", "fit", "History", "Callback", "StepContext",
-           "unimodal_scores", "shapley", "fisher_trace", "separability", "diagnose",
-           "learning_window", "regulators", "Regulator", "InfoReg", "Relearning", "OGM", "OPM",
-           "MMPareto", "ValuationResampling", "Regulation", "__version__"]
+           "regulators", "training", "report", "plot", "fit", "History", "Callback", "StepContext",
+           "Regulation", "unimodal_scores", "shapley", "fisher_trace", "separability", "diagnose",
+           "Diagnosis", "learning_window", "Regulator", "InfoReg", "Relearning", "OGM", "OPM",
+           "MMPareto", "ValuationResampling", "AGM", "PMR", "MMCosine", "MBSD", "CML", "LFM",
+           "GBlending", "AMCo", "set_threads", "__version__"]

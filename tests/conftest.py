@@ -11,6 +11,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 import modaldiag as md  # noqa: E402
+
+md.set_threads(1)  # also numpy/scikit-learn's BLAS and OpenMP pools (separability)
 from modaldiag.models import MLPEncoder  # noqa: E402
 
 FUSIONS = ("concat", "sum", "film", "gated", "late")

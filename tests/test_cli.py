@@ -26,8 +26,16 @@ def test_demo_writes_comparison_report(tmp_path):
         assert (out / run / "learning_window.png").exists()
     summary = json.loads((out / "comparison.json").read_text())
     assert summary["weakest"] == "fou" and "InfoReg vs joint training" in summary["summary"]
+    assert "'pix' unimodal test accuracy" in summary["summary"]  # every modality, not the weakest only
+    # the final paths are recorded, never the temporary .partial folder the demo was built in
+    assert [r["path"] for r in summary["runs"]] == [str(out / "joint"), str(out / "inforeg")]
+    assert ".partial" not in (out / "comparison.json").read_text()
+    assert [r["diagnosis"]["split"] for r in summary["runs"]] == ["test", "test"]
+    assert {"comparison.csv", "learning_windows.png"} <= {p.name for p in out.iterdir()}
+    assert (out / "joint" / "history.csv").exists()
     page = (out / "report.html").read_text()
     assert "joint training vs InfoReg" in page and page.count("data:image/png;base64,") >= 6
+    assert ".partial" not in page
     assert _no_partial(tmp_path)
 
 
@@ -59,7 +67,8 @@ def test_diagnose_and_compare_runs(tmp_path, capsys):
                      "--out", str(tmp_path / method), "--quiet"]) == 0
     assert main(["diagnose", "--run", str(tmp_path / "joint")]) == 0
     out = capsys.readouterr().out
-    assert "dominates" in out and (tmp_path / "joint" / "diagnosis" / "report.html").exists()
+    assert "measured on the test split" in out
+    assert (tmp_path / "joint" / "diagnosis" / "report.html").exists()
     assert main(["compare", str(tmp_path / "joint"), str(tmp_path / "ogm-ge"),
                  "--out", str(tmp_path / "cmp"), "--quiet"]) == 0
     assert "OGM-GE vs joint training" in (tmp_path / "cmp" / "report.html").read_text()

@@ -61,6 +61,15 @@ LOGGED = {
     "MMPareto": {"cosine", "w_multimodal"},
     "Valuation (sample)": {"extra_copies", "mean_phi"},
     "Valuation (modality)": {"extra_copies", "gap", "ratio"},
+    "AGM": {"score", "running_score", "ratio", "optimal_ratio", "coefficient"},
+    "AGM (released)": {"score", "running_score", "ratio", "optimal_ratio", "coefficient"},
+    "PMR": {"score", "rho", "beta", "pce"},
+    "MMCosine": {"auxiliary_ce", "scale", "true_cosine", "weight_norm", "nce"},
+    "MBSD": {"gate", "rs", "kd", "unimodal_ce"},
+    "CML": {"violation_rate", "violation", "hinge", "loss"},
+    "LFM (learnable)": {"alpha_c", "alpha_a", "alignment", "ce", "h"},
+    "GBlending": {"w", "w_fused", "delta_G", "delta_O"},
+    "AMCo": {"mass", "dependent", "masked"},
 }
 
 

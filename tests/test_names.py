@@ -113,8 +113,8 @@ def test_hostile_names_through_fit_probes_figures_and_report(names, tmp_path):
         assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == names
     fig = md.plot.compare({names[0]: history, names[1]: history})
     _render(fig)
-    assert _legend(fig.axes[0]) == names[:2]
-    assert [ax.get_title() for ax in fig.axes[1:]] == [f"{n} (unimodal)" for n in names]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == names[:2]
+    assert [ax.get_title() for ax in fig.axes[1:]] == [f"{n} unimodal (validation)" for n in names]
     plt.close("all")
 
     rep.save(tmp_path / "report")

@@ -97,6 +97,12 @@ class MultimodalDataset(Dataset):
         One name per class (``len(class_names) == num_classes``).
     name : str, default ""
 
+    Attributes
+    ----------
+    split : str or None
+        ``"train"``, ``"val"`` or ``"test"`` when the dataset belongs to a :class:`DatasetSplits`
+        (reports name the split of every number from it), else None.
+
     Raises
     ------
     ValueError
@@ -149,6 +155,8 @@ class MultimodalDataset(Dataset):
                 "pass the right num_classes.")
         self.num_classes = int(num_classes)
         self.name = name
+        #: which split this is ("train", "val", "test"), set by DatasetSplits; None otherwise
+        self.split: str | None = None
 
     @classmethod
     def _from_checked(cls, inputs: dict[str, torch.Tensor], labels: torch.Tensor, *,
@@ -252,6 +260,17 @@ class DatasetSplits:
     description: str = ""
     license: str = ""
     info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # name each split (kept when already set), so probes and reports can say which data a
+        # number comes from
+        for name in ("train", "val", "test"):
+            ds = getattr(self, name)
+            if getattr(ds, "split", None) is None:
+                try:
+                    ds.split = name
+                except AttributeError:  # a dataset type that refuses new attributes
+                    pass
 
     @property
     def modalities(self) -> tuple[str, ...]:

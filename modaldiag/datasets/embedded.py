@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from importlib import resources
 
 import numpy as np
@@ -72,8 +73,15 @@ def load(name: str, *, seed: int = 0) -> DatasetSplits:
         return _load_hapt(seed)
     if key in ("nutrimouse", "nutrimouse-diet", "nutrimouse-genotype"):
         return _load_nutrimouse("genotype" if key.endswith("genotype") else "diet", seed)
-    raise ValueError(f"unknown dataset {name!r}; available: {available()} "
-                     f"(or any mfeat-<view>-<view> with views {list(MFEAT_VIEWS)}).")
+    raise ValueError(f"unknown dataset {name!r}{_did_you_mean(key, [*available(), 'nutrimouse-diet'])}"
+                     f"available: {available()} (or any mfeat-<view>-<view> with views "
+                     f"{list(MFEAT_VIEWS)}).")
+
+
+def _did_you_mean(word: str, choices) -> str:
+    """``"; did you mean 'x'? "`` for the closest of ``choices`` (difflib), else ``"; "``."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}? " if close else "; "
 
 
 def _splits_from_arrays(name, arrays, y, parts, *, channel_axis=None, class_names=None, family):
@@ -87,7 +95,11 @@ def _splits_from_arrays(name, arrays, y, parts, *, channel_axis=None, class_name
 
 def _load_mfeat(views, name, seed):
     bad = [v for v in views if v not in MFEAT_VIEWS]
-    if bad or len(views) < 2 or len(set(views)) != len(views):
+    if bad:
+        hint = _did_you_mean(bad[0], MFEAT_VIEWS).rstrip("; ")
+        raise ValueError(f"unknown mfeat view {bad[0]!r}{hint} (in {name!r}: name at least 2 "
+                         f"distinct views from {list(MFEAT_VIEWS)}).")
+    if len(views) < 2 or len(set(views)) != len(views):
         raise ValueError(f"mfeat needs at least 2 distinct views from {list(MFEAT_VIEWS)}; got {list(views)}"
                          f" in {name!r}.")
     d = _npz("mfeat")

@@ -4,10 +4,11 @@ from ..utils.validation import POSITIVE_INT, Satisfies, as_plain_int, validate_p
 from .classifier import MultimodalClassifier
 from .contract import MultimodalModel
 from .encoders import Conv1dEncoder, Conv2dEncoder, FrameEncoder, MLPEncoder, encoder_for_shape
-from .fusion import FUSIONS
+from .fusion import FUSIONS, CosineFusion
 from .wrap import WrappedModel, wrap
 
 __all__ = ["MultimodalModel", "MultimodalClassifier", "WrappedModel", "wrap", "FUSIONS",
+           "CosineFusion",
            "MLPEncoder", "Conv1dEncoder", "Conv2dEncoder", "FrameEncoder", "encoder_for_shape",
            "default_model"]
 

@@ -14,6 +14,8 @@ with the default zero baseline:
 - ``gated``: gated multimodal unit, ``h_m = tanh(P_m f_m)``, ``z = softmax(G [f_1; ...; f_M])``,
   logits ``W sum_m z_m h_m + b``. An absent modality has ``h_m = tanh(bias_m)`` and still takes
   part in the gate through its zero input.
+- ``cosine`` (MMCosine, Xu et al., ICASSP 2023): one bias-free weight ``W_m`` (C x d_m) per modality,
+  ``z_c = s * sum_m cos(f_m, W_{m,c})``; an absent modality with the zero baseline contributes 0.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import nn
 from .names import ModalityDict
 
 __all__ = ["FUSIONS", "build_fusion", "ConcatFusion", "SumFusion", "LateFusion", "FiLMFusion",
-           "GatedFusion"]
+           "GatedFusion", "CosineFusion"]
 
 
 class _Fusion(nn.Module):
@@ -140,12 +142,86 @@ class GatedFusion(_Fusion):
         return self.fc((z.unsqueeze(-1) * h).sum(dim=-2))
 
 
+class CosineFusion(_Fusion):
+    """MMCosine's head: cosine-normalised, scaled per-modality logits summed over modalities.
+
+    ``z_c = s * sum_m cos(f_m, W_{m,c})`` with one bias-free weight ``W_m`` (C x d_m) per modality
+    and ``cos(u, w) = <u, w> / (max(|u|, eps) * max(|w|, eps))`` (``eps = 1e-12``, as
+    ``F.normalize``). Every modality's contribution is bounded by ``s`` whatever the norms of its
+    features and weights, which is how MMCosine balances the modalities. The unimodal logits of m
+    (others at the zero baseline) are ``s * cos(f_m, W_m)``: a zero feature contributes 0.
+
+    Parameters
+    ----------
+    feature_dims, num_classes : as every head.
+    hidden_dim : ignored (accepted for a uniform constructor).
+    scale : float > 0, default 10.0
+        ``s`` (the authors' default; BalanceBenchmark uses 15). A hyperparameter, not trained:
+        ``head.scale`` reads or sets it; it is saved in the model's ``state_dict`` (buffer ``s``).
+    eps : float > 0, default 1e-12
+    """
+
+    def __init__(self, feature_dims, num_classes, hidden_dim: int | None = None,
+                 scale: float = 10.0, eps: float = 1e-12):
+        super().__init__(feature_dims, num_classes)
+        scale, eps = float(scale), float(eps)
+        if not (scale > 0 and scale < float("inf")):
+            raise ValueError(f"CosineFusion: scale must be a finite number > 0; got {scale!r}.")
+        if not (eps > 0 and eps < float("inf")):
+            raise ValueError(f"CosineFusion: eps must be a finite number > 0; got {eps!r}.")
+        self.eps = eps
+        # a buffer, so the scale travels with the model's state_dict (checkpoints, resume)
+        self.register_buffer("s", torch.tensor(scale))
+        # nn.Linear without bias: its default init (Kaiming-uniform) for each W_m
+        self.weights = ModalityDict({m: nn.Linear(d, num_classes, bias=False)
+                                     for m, d in self.feature_dims.items()})
+
+    @property
+    def scale(self) -> float:
+        """``s`` as a float; assigning a number sets it (kept in ``state_dict`` as ``s``)."""
+        return float(self.s)
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        value = float(value)
+        if not (value > 0 and value < float("inf")):
+            raise ValueError(f"CosineFusion: scale must be a finite number > 0; got {value!r}.")
+        with torch.no_grad():
+            self.s.fill_(value)
+
+    def cosines(self, features) -> dict[str, torch.Tensor]:
+        """``{m: (B, C)}`` cosines between each sample's feature and each class weight row."""
+        out = {}
+        for m in self.modalities:
+            w = self.weights[m].weight
+            f = features[m].to(w.dtype)
+            out[m] = torch.nn.functional.normalize(f, dim=-1, eps=self.eps) @ \
+                torch.nn.functional.normalize(w, dim=-1, eps=self.eps).T
+        return out
+
+    def forward(self, features):
+        cos = self.cosines(features)
+        return self.s.to(next(iter(cos.values())).dtype) * sum(cos.values())
+
+    def coalitions(self, features, absent, masks):
+        """Fast exact path for many coalitions: the head is additive over modalities."""
+        cos, cos_absent = self.cosines(features), self.cosines(absent)
+        s = self.s.to(next(iter(cos.values())).dtype)
+        terms = [s * c for c in cos.values()]
+        absent_terms = [s * c for c in cos_absent.values()]
+        return _additive_coalitions(terms, absent_terms, None, masks)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
+
+
 FUSIONS = {
     "concat": ConcatFusion,
     "sum": SumFusion,
     "late": LateFusion,
     "film": FiLMFusion,
     "gated": GatedFusion,
+    "cosine": CosineFusion,
 }
 
 

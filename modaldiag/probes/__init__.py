@@ -6,7 +6,15 @@ Every probe runs in eval mode and leaves the model (every submodule's mode, ``re
 it with ``baseline="zero"`` or ``"mean"``; every result records the kind it used.
 """
 
-from .diagnose import Diagnosis, Evidence, diagnose, under_optimisation
+from .diagnose import (
+    Diagnosis,
+    Evidence,
+    ShapleySummary,
+    combine,
+    diagnose,
+    split_of,
+    under_optimisation,
+)
 from .fisher import (
     FISHER_ENGINES,
     FISHER_FORMS,
@@ -15,6 +23,7 @@ from .fisher import (
     fisher_trace,
     grad_sq_norms,
 )
+from .recommend import METHOD_PAGES, recommend
 from .separability import (
     Separability,
     collect_features,
@@ -31,6 +40,7 @@ from .shapley import (
     shapley_weights,
 )
 from .unimodal import EvalResult, UnimodalScore, evaluate, inforeg_gap, ogm_ratio, unimodal_scores
+from .verdict import ProbeIntervals, Verdict, bootstrap_intervals, decide, seed_intervals
 from .window import LearningWindow, learning_window, window_state
 
 __all__ = [
@@ -41,4 +51,6 @@ __all__ = [
     "separability", "Separability", "purity", "collect_features", "linear_probe_accuracy",
     "unimodal_scores", "UnimodalScore", "evaluate", "EvalResult", "ogm_ratio", "inforeg_gap",
     "diagnose", "Diagnosis", "Evidence", "under_optimisation",
+    "ShapleySummary", "split_of", "recommend", "METHOD_PAGES", "ProbeIntervals", "Verdict",
+    "bootstrap_intervals", "decide", "combine", "seed_intervals",
 ]

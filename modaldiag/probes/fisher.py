@@ -25,9 +25,9 @@ from collections.abc import Iterable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..utils.distributed import all_reduce_sum
+from ..utils.progress import length_or_none, progress_bar
 from ..utils.torch_utils import preserved_state
 from ..utils.validation import BOOL, POSITIVE_INT, InstanceOf, Options, validate_params
 from ._common import contract_model, iterate_batches
@@ -191,7 +191,8 @@ def fisher_trace(
     device : str or torch.device, optional
         Where batches are moved (default: the model's device).
     progress : bool, default False
-        Show a tqdm bar over batches.
+        Show a bar over batches (one plain line when stderr is not a terminal; see
+        :func:`modaldiag.utils.progress.progress_bar`).
 
     Returns
     -------
@@ -211,8 +212,9 @@ def fisher_trace(
         net.eval()
         if form == "per_sample":
             runner = _PerSample(net, engine, chunk_size)
-        for inputs, labels in tqdm(iterate_batches(net, loader, device), desc=f"fisher ({form})",
-                                   unit="batch", disable=not progress, leave=False):
+        batches = progress_bar(iterate_batches(net, loader, device), enabled=progress,
+                               desc=f"fisher ({form})", total=length_or_none(loader))
+        for inputs, labels in batches:
             if runner is not None:
                 sq = runner(inputs, labels)
                 for m in net.modalities:

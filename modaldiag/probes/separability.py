@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..utils.distributed import all_gather_cat, is_distributed
+from ..utils.progress import progress_bar
 from ..utils.torch_utils import preserved_state
 from ..utils.validation import BOOL, POSITIVE_INT, validate_params
 from ._common import ITERABLE, SEED, contract_model, encode_checked, iterate_batches, probe_state
@@ -28,7 +29,11 @@ __all__ = ["Separability", "separability", "purity", "collect_features", "linear
 
 @dataclass
 class Separability:
-    """Separability of one modality's features on the train and val sets."""
+    """Separability of one modality's features on the train and val sets.
+
+    ``train_split`` / ``val_split`` name the data the purities were measured on (D and V; the
+    linear probe is fitted on D and scored on V).
+    """
 
     modality: str
     train_purity: float
@@ -38,6 +43,8 @@ class Separability:
     silhouette: float | None = None
     n_train: int = 0
     n_val: int = 0
+    train_split: str = "train"
+    val_split: str = "val"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,7 +54,7 @@ _PARAMETER_CONSTRAINTS = {
     "train_loader": [ITERABLE], "val_loader": [ITERABLE], "loader": [ITERABLE],
     "seed": SEED, "n_init": [POSITIVE_INT], "linear_probe": [BOOL], "silhouette": [BOOL],
     "max_samples": [POSITIVE_INT], "minibatch_threshold": [POSITIVE_INT],
-    "num_classes": [POSITIVE_INT],
+    "num_classes": [POSITIVE_INT], "progress": [BOOL],
 }
 
 
@@ -153,6 +160,7 @@ def separability(
     max_samples: int = 50000,
     minibatch_threshold: int = 10000,
     device=None,
+    progress: bool = False,
 ) -> dict[str, Separability]:
     """k-means purity of each modality's features on train and val, and the gap.
 
@@ -167,6 +175,9 @@ def separability(
         Compute the extras.
     max_samples : int, default 50000
         Seeded subsample above this size per set.
+    progress : bool, default False
+        A progress bar over the steps (features of D, features of V, then one step per
+        modality); nothing is printed when False.
 
     Returns
     -------
@@ -178,21 +189,34 @@ def separability(
     validate_params(_PARAMETER_CONSTRAINTS,
                     {"train_loader": train_loader, "val_loader": val_loader, "seed": seed,
                      "n_init": n_init, "linear_probe": linear_probe, "silhouette": silhouette,
-                     "max_samples": max_samples, "minibatch_threshold": minibatch_threshold},
-                    "separability")
+                     "max_samples": max_samples, "minibatch_threshold": minibatch_threshold,
+                     "progress": progress}, "separability")
     net = contract_model(model)
     with probe_state(net):
         return _separability(net, train_loader, val_loader, seed, n_init, linear_probe,
-                             silhouette, max_samples, minibatch_threshold, device)
+                             silhouette, max_samples, minibatch_threshold, device,
+                             progress=progress)
 
 
 def _separability(net, train_loader, val_loader, seed, n_init, linear_probe, silhouette,
-                  max_samples, minibatch_threshold, device) -> dict[str, Separability]:
+                  max_samples, minibatch_threshold, device, *, progress: bool = False,
+                  desc: str = "separability") -> dict[str, Separability]:
     k = net.num_classes
     if k is None:
         raise ValueError("the model's num_classes is unknown; pass num_classes to md.wrap(...).")
+    bar = progress_bar(None, enabled=progress, desc=desc, total=2 + len(net.modalities),
+                       unit="step")
+    with bar:
+        return _separability_steps(net, train_loader, val_loader, seed, n_init, linear_probe,
+                                   silhouette, max_samples, minibatch_threshold, device, bar, k)
+
+
+def _separability_steps(net, train_loader, val_loader, seed, n_init, linear_probe, silhouette,
+                        max_samples, minibatch_threshold, device, bar, k):
     tx, ty = _subsample(*collect_features(net, train_loader, device), max_samples, seed)
+    bar.update()
     vx, vy = _subsample(*collect_features(net, val_loader, device), max_samples, seed)
+    bar.update()
     if len(np.unique(ty)) < 2:
         raise ValueError("the training loader holds a single class; separability needs at least two.")
     out = {}
@@ -206,4 +230,5 @@ def _separability(net, train_loader, val_loader, seed, n_init, linear_probe, sil
 
             sil = float(silhouette_score(vx[m], vy, sample_size=min(len(vy), 2000), random_state=seed))
         out[m] = Separability(m, p_train, p_val, abs(p_train - p_val), lp, sil, len(ty), len(vy))
+        bar.update()
     return out

@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..utils.distributed import all_gather_cat, all_reduce_sum, is_distributed, rank
 from ..utils.io import atomic_write_bytes, atomic_write_json
+from ..utils.progress import length_or_none, progress_bar
 from ..utils.validation import BOOL, POSITIVE_INT, InstanceOf, Options, Satisfies, validate_params
 from ._common import (
     BASELINE_CONSTRAINT,
@@ -194,6 +195,46 @@ class ShapleyValues:
         vals = self.values.numpy()
         return shap.Explanation(values=vals, base_values=self.empty_value.numpy(), data=vals.copy(),
                                 feature_names=list(self.modalities))
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per sample, ready to save (``frame.to_csv(...)``) or group.
+
+        Returns
+        -------
+        pandas.DataFrame (N rows)
+            ``sample`` (row index in the probed loader's order), ``label`` (true class),
+            ``prediction`` (the fused model's class), one column per modality holding its Shapley
+            value (float64, the value function named by ``self.value``), then ``full_value``
+            (``v(all modalities)``) and ``empty_value`` (``v(no modality)``); in permutation
+            mode also ``stderr <modality>`` (standard error of that value).
+
+        Raises
+        ------
+        ValueError
+            A modality is named like one of the fixed columns.
+        """
+        fixed = ["sample", "label", "prediction", "full_value", "empty_value"]
+        clash = [m for m in self.modalities if m in fixed or m.startswith("stderr ")]
+        if clash:
+            raise ValueError(f"modalities {clash} are named like a fixed column of the table "
+                             f"({fixed}); rename those modalities.")
+        values = self.values.detach().cpu().double().numpy()
+        columns: dict[str, object] = {
+            "sample": np.arange(len(self)),
+            "label": self.labels.detach().cpu().numpy(),
+            "prediction": self.predictions.detach().cpu().numpy(),
+        }
+        for j, m in enumerate(self.modalities):
+            columns[m] = values[:, j]
+        for name in ("full_value", "empty_value"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                columns[name] = tensor.detach().cpu().double().numpy()
+        if self.stderr is not None:
+            err = self.stderr.detach().cpu().double().numpy()
+            for j, m in enumerate(self.modalities):
+                columns[f"stderr {m}"] = err[:, j]
+        return pd.DataFrame(columns)
 
     def to_dict(self, per_sample: bool = False) -> dict:
         out = {"modalities": list(self.modalities), "value": self.value, "baseline": self.baseline,
@@ -395,8 +436,9 @@ def shapley(
     with probe_state(net), baseline_context(net, baseline, baseline_loader) as kind:
         game = _Game(net, value, method, n_permutations, seed, max_rows, autocast)
         batches = iterate_batches(net, loader, device)
-        for b, (inputs, labels) in enumerate(tqdm(batches, desc="shapley", unit="batch",
-                                                  disable=not progress, leave=False)):
+        for b, (inputs, labels) in enumerate(progress_bar(batches, enabled=progress,
+                                                          desc="shapley",
+                                                          total=length_or_none(loader))):
             for key, t in game.batch(inputs, labels, b).items():
                 parts.setdefault(key, []).append(t)
         cat = {key: all_gather_cat(torch.cat(v)) for key, v in parts.items()}  # union over ranks
@@ -600,8 +642,9 @@ def shapley_to_disk(
     with probe_state(net), baseline_context(net, baseline, baseline_loader) as kind:
         game = _Game(net, value, method, n_permutations, seed, max_rows, autocast)
         batches = iterate_batches(net, loader, device)
-        for b, (inputs, labels) in enumerate(tqdm(batches, desc="shapley", unit="batch",
-                                                  disable=not progress, leave=False)):
+        for b, (inputs, labels) in enumerate(progress_bar(batches, enabled=progress,
+                                                          desc="shapley",
+                                                          total=length_or_none(loader))):
             if b == 0:
                 fingerprint = _job_fingerprint(net, kind, value, game.method, n_permutations,
                                                seed, autocast, loader, inputs, labels)

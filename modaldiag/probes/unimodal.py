@@ -12,8 +12,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from ..utils.distributed import all_reduce_sum
-from ..utils.validation import validate_params
+from ..utils.distributed import all_gather_cat, all_reduce_sum
+from ..utils.progress import progress_bar
+from ..utils.validation import BOOL, validate_params
 from ._common import (
     BASELINE_CONSTRAINT,
     ITERABLE,
@@ -48,7 +49,13 @@ class UnimodalScore:
 
 @dataclass
 class EvalResult:
-    """Fused and per-modality scores from one streaming pass (encoders run once per batch)."""
+    """Fused and per-modality scores from one streaming pass (encoders run once per batch).
+
+    Per sample (in loader order): ``correct`` (N,) bool, the fused prediction is right;
+    ``unimodal_correct`` (N, M) bool, modality ``modalities[j]``'s unimodal prediction is right
+    (the bootstrap of ``md.diagnose`` resamples these). ``copies``: pairs of modalities that are
+    copies of one view: on every sample their inputs are identical, or their encoder outputs are.
+    """
 
     loss: float
     accuracy: float
@@ -56,6 +63,9 @@ class EvalResult:
     unimodal: dict[str, UnimodalScore]
     per_class: dict[int, dict] | None = None
     baseline: str = "zero"
+    correct: torch.Tensor | None = None
+    unimodal_correct: torch.Tensor | None = None
+    copies: tuple[tuple[str, str], ...] = ()
 
     def to_dict(self) -> dict:
         return {"loss": self.loss, "acc": self.accuracy, "n": self.n, "baseline": self.baseline,
@@ -65,12 +75,18 @@ class EvalResult:
 
 
 _EVAL_CONSTRAINTS = {"loader": [ITERABLE], "baseline": BASELINE_CONSTRAINT,
-                     "baseline_loader": [None, ITERABLE]}
+                     "baseline_loader": [None, ITERABLE], "progress": [BOOL]}
+
+
+def _same_features(feats, a: str, b: str) -> bool:
+    fa, fb = feats[a], feats[b]
+    return fa.shape == fb.shape and bool(torch.equal(fa, fb))
 
 
 @torch.no_grad()
 def evaluate(model, loader: Iterable, *, baseline: str | None = None,
-             baseline_loader: Iterable | None = None, device=None) -> EvalResult:
+             baseline_loader: Iterable | None = None, device=None,
+             progress: bool = False) -> EvalResult:
     """Fused loss/accuracy and unimodal scores of every modality over ``loader``.
 
     Runs in eval mode; the model (every submodule's mode, ``requires_grad``, ``.grad``, buffers)
@@ -85,52 +101,80 @@ def evaluate(model, loader: Iterable, *, baseline: str | None = None,
         (``model.set_baseline``), ``"zero"`` / ``"mean"`` override it (see :func:`shapley`).
     baseline_loader : iterable, optional
         With ``baseline="mean"``: the loader whose mean features stand in for absent modalities.
+    progress : bool, default False
+        A progress bar over batches (nothing is printed when False).
 
     Returns
     -------
     EvalResult
         ``.loss``, ``.accuracy``, ``.n``, ``.unimodal`` ``{m: UnimodalScore}``, ``.per_class``,
-        ``.baseline`` (the kind of absence used).
+        ``.baseline`` (the kind of absence used), per-sample ``.correct`` (N,) and
+        ``.unimodal_correct`` (N, M), ``.copies``.
     """
     validate_params(_EVAL_CONSTRAINTS, {"loader": loader, "baseline": baseline,
-                                        "baseline_loader": baseline_loader}, "evaluate")
+                                        "baseline_loader": baseline_loader, "progress": progress},
+                    "evaluate")
+    return _evaluate(model, loader, baseline, baseline_loader, device, progress, "evaluate")
+
+
+@torch.no_grad()
+def _evaluate(model, loader, baseline, baseline_loader, device, progress: bool,
+              desc: str) -> EvalResult:
     net = contract_model(model)
     if net.num_classes is None:
         raise ValueError("the model's num_classes is unknown; pass num_classes to md.wrap(...).")
     mods = net.modalities
-    totals = {"loss": 0.0, "correct": 0, "n": 0}
-    uni = {m: {"correct": 0, "prob": 0.0, "ce": 0.0} for m in mods}
     n_classes = net.num_classes
-    class_n = torch.zeros(n_classes, dtype=torch.long)
-    class_correct = torch.zeros(len(mods) + 1, n_classes, dtype=torch.long)
+    # per-batch tensors only; one host sync at the end (evaluation runs every epoch of md.fit)
+    loss_sums, uni_sums, hits, uhits, ys = [], [], [], [], []
+    pairs = [(a, b) for i, a in enumerate(mods) for b in mods[i + 1:]]
+    same = dict.fromkeys(pairs, True)
     with probe_state(net), baseline_context(net, baseline, baseline_loader) as kind:
-        for b, (inputs, labels) in enumerate(iterate_batches(net, loader, device)):
-            size = labels.shape[0]
+        batches = progress_bar(iterate_batches(net, loader, device), enabled=progress, desc=desc,
+                               total=_length(loader))
+        for b, (inputs, labels) in enumerate(batches):
             feats = encode_checked(net, inputs, b)
+            for pair in pairs:
+                same[pair] = same[pair] and (_same_features(inputs, *pair)
+                                             or _same_features(feats, *pair))
             logits = net.head(feats)
-            totals["loss"] += float(F.cross_entropy(logits, labels, reduction="sum"))
-            hit = logits.argmax(1) == labels
-            totals["correct"] += int(hit.sum())
-            totals["n"] += size
-            y_cpu = labels.cpu()
-            class_n += torch.bincount(y_cpu, minlength=n_classes)
-            class_correct[0] += torch.bincount(y_cpu[hit.cpu()], minlength=n_classes)
+            loss_sums.append(F.cross_entropy(logits, labels, reduction="sum"))
+            hits.append(logits.argmax(1) == labels)
+            ys.append(labels)
             uni_logits = net.unimodal_logits(feats)
-            for i, m in enumerate(mods):
-                lg = uni_logits[m]
-                logp = F.log_softmax(lg.float(), dim=1)
-                uhit = lg.argmax(1) == labels
-                uni[m]["correct"] += int(uhit.sum())
-                class_correct[i + 1] += torch.bincount(y_cpu[uhit.cpu()], minlength=n_classes)
-                uni[m]["prob"] += float(logp.gather(1, labels[:, None]).exp().sum())
-                uni[m]["ce"] += float(-logp.gather(1, labels[:, None]).sum())
+            logp = torch.stack([F.log_softmax(uni_logits[m].float(), dim=1) for m in mods])
+            true_logp = logp.gather(2, labels.expand(len(mods), -1)[..., None])[..., 0]  # (M, B)
+            uhits.append((logp.argmax(2) == labels).T)  # (B, M)
+            uni_sums.append(torch.stack([true_logp.exp().sum(1), -true_logp.sum(1)], 1))  # (M, 2)
+        y_all = torch.cat(ys).cpu() if ys else torch.zeros(0, dtype=torch.long)
+        hit_all = torch.cat(hits).cpu() if hits else torch.zeros(0, dtype=torch.bool)
+        uhit_all = (torch.cat(uhits).cpu() if uhits
+                    else torch.zeros(0, len(mods), dtype=torch.bool))
+        # batch sums in float32 (as computed), accumulated over batches in float64
+        loss_total = float(torch.stack(loss_sums).double().sum()) if loss_sums else 0.0
+        uni_total = (torch.stack(uni_sums).double().sum(0).cpu() if uni_sums
+                     else torch.zeros(len(mods), 2, dtype=torch.float64))
+        class_n = torch.bincount(y_all, minlength=n_classes)
+        class_correct = torch.stack(
+            [torch.bincount(y_all[hit_all], minlength=n_classes)]
+            + [torch.bincount(y_all[uhit_all[:, i]], minlength=n_classes)
+               for i in range(len(mods))])
         # sum every count over DDP ranks: scores of the union of every rank's data
-        packed = torch.tensor([totals["loss"], totals["correct"], totals["n"]]
-                              + [u[k] for u in uni.values() for k in ("correct", "prob", "ce")],
+        packed = torch.tensor([loss_total, float(hit_all.sum()), float(y_all.numel())]
+                              + [v for i in range(len(mods))
+                                 for v in (float(uhit_all[:, i].sum()), float(uni_total[i, 0]),
+                                           float(uni_total[i, 1]))],
                               dtype=torch.float64)
         packed = all_reduce_sum(packed)
         class_n, class_correct = all_reduce_sum(class_n), all_reduce_sum(class_correct)
+        # per-sample hits of the union of every rank's data, in rank order (uint8 over the wire)
+        correct = all_gather_cat(hit_all.to(torch.uint8)).bool() if hits else None
+        unimodal_correct = all_gather_cat(uhit_all.to(torch.uint8)).bool() if uhits else None
+        flags = all_reduce_sum(torch.tensor([float(not same[p]) for p in pairs] or [0.0],
+                                            dtype=torch.float64))
+    copies = tuple(p for p, f in zip(pairs, flags.tolist(), strict=False) if f == 0)
     totals = {"loss": float(packed[0]), "correct": int(packed[1]), "n": int(packed[2])}
+    uni = {}
     for i, m in enumerate(mods):
         uni[m] = {"correct": int(packed[3 + 3 * i]), "prob": float(packed[4 + 3 * i]),
                   "ce": float(packed[5 + 3 * i])}
@@ -149,8 +193,16 @@ def evaluate(model, loader: Iterable, *, baseline: str | None = None,
         loss=totals["loss"] / n, accuracy=totals["correct"] / n, n=n,
         unimodal={m: UnimodalScore(m, u["correct"] / n, u["prob"] / n, u["ce"] / n, n, kind)
                   for m, u in uni.items()},
-        per_class=per_class, baseline=kind,
+        per_class=per_class, baseline=kind, correct=correct.cpu(),
+        unimodal_correct=unimodal_correct.cpu(), copies=copies,
     )
+
+
+def _length(loader) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 def unimodal_scores(model, loader: Iterable, *, baseline: str | None = None,

@@ -1,4 +1,10 @@
-"""The diagnosis as HTML sections (used by ``Diagnosis.save`` and the CLI)."""
+"""The diagnosis as HTML sections (used by ``Diagnosis.save`` and the CLI).
+
+Every table and figure names the split its numbers come from: the verdict's split for unimodal
+accuracy, Shapley and Fisher; D/V (``fit on train, scored on val``) for separability and the
+linear probe. Columns that would be empty (no Fisher trace, no separability, no
+``reference_epochs``) are left out.
+"""
 
 from __future__ import annotations
 
@@ -7,71 +13,144 @@ from pathlib import Path
 from ..probes.diagnose import register_renderers
 from ..utils.io import atomic_write_text
 from . import plots
-from .html import Section, Table, figure_to_data_uri, render_page
+from .html import Link, Section, Table, figure_to_data_uri, render_page
 
 __all__ = ["diagnosis_sections", "diagnosis_html", "diagnosis_figures", "write_diagnosis"]
 
 
+def _sep_splits(rep) -> tuple[str, str]:
+    s = next(iter(rep.separability.values()))
+    return s.train_split, s.val_split
+
+
 def diagnosis_figures(rep) -> dict:
     """The diagnosis figures by file stem: ``{stem: (Figure, caption)}``."""
-    figures = {"unimodal": (plots.unimodal_bars(rep), "Unimodal accuracy through the joint head"),
-               "shapley": (plots.shapley(rep.shapley), "Sample-level Shapley contributions")}
+    split, n = rep.split, rep.n or rep.unimodal.n
+    figures = {"unimodal": (plots.unimodal_bars(rep),
+                            f"Unimodal accuracy through the joint head on the {split} split "
+                            f"(n = {n}), with {_level(rep)} bootstrap intervals")}
+    if getattr(rep.shapley, "values", None) is not None:  # not kept by a diagnosis read back
+        figures["shapley"] = (plots.shapley(rep.shapley, split=split),
+                              f"Sample-level Shapley contributions on the {split} split (n = {n})")
     if rep.separability:
+        fit_on, scored_on = _sep_splits(rep)
         figures["separability"] = (plots.separability(rep.separability),
-                                   "Representation separability (k-means purity, linear probe)")
+                                   f"Representation separability: k-means purity {fit_on}/"
+                                   f"{scored_on}; linear probe fit on {fit_on}, scored on "
+                                   f"{scored_on}")
     return figures
+
+
+def _level(rep) -> str:
+    iv = next(iter(rep.intervals.values()), None)
+    return f"{100 * iv.level:g} %" if iv else "95 %"
+
+
+def _interval_tables(rep) -> list[Table]:
+    if not rep.intervals:
+        return []
+    mods = list(rep.ranking or rep.modalities)
+    level = _level(rep)
+    means = Table(
+        ["probe", "split", "n", "modality", "mean", f"{level} CI low", f"{level} CI high"],
+        [[iv.probe, iv.split, iv.n, m, iv.mean[m], iv.low[m], iv.high[m]]
+         for iv in rep.intervals.values() for m in mods],
+        caption=f"Means with {level} paired-bootstrap intervals over the {rep.split} samples")
+    rows = []
+    for iv in rep.intervals.values():
+        for i, k in enumerate(mods):
+            for j in mods[i + 1:]:
+                est, lo, hi = iv.difference(k, j)
+                rows.append([iv.probe, iv.split, f"{k} − {j}", est, lo, hi, iv.margin])
+    leads = Table(["probe", "split", "lead", "estimate", f"{level} CI low", f"{level} CI high",
+                   "practical margin"], rows,
+                  caption=f"Pairwise leads on the {rep.split} split (imbalanced: the lead of the "
+                          "first over the last is above 0 and the margin on both probes)")
+    return [means, leads]
+
+
+def _recommendation_section(rep, label: str) -> Section:
+    if rep.recommendations:
+        groups: dict[str, list[dict]] = {}  # one row per reason, its methods side by side
+        for r in rep.recommendations:
+            groups.setdefault(r["why"], []).append(r)
+        table = Table(["methods", "why", "pages"],
+                      [[[Link(r["method"], r["page"]) for r in recs], why,
+                        ", ".join(r["page"] for r in recs)] for why, recs in groups.items()],
+                      caption=f"Methods for the imbalance found on the {rep.split} split")
+        return Section(f"Recommendation{label}", tables=[table])
+    what = ("the modalities are balanced" if rep.verdict == "balanced"
+            else "the evidence is inconclusive")
+    return Section(f"Recommendation{label}",
+                   paragraphs=[f"No recommendation: {what} ({rep.reason})."])
+
+
+def _per_modality(rep, baseline: str) -> Table:
+    """Per-modality numbers; columns only for the probes that ran."""
+    mods, split = list(rep.modalities), rep.split
+    columns = ["modality", f"unimodal acc ({split}, {baseline} baseline)",
+               f"true-class prob ({split})", f"mean Shapley ({split}, {baseline} baseline)",
+               f"low-contrib. share ({split})"]
+    if rep.fisher:
+        columns.append(f"Fisher trace ({split})")
+    if rep.separability:
+        fit_on, scored_on = _sep_splits(rep)
+        columns += [f"purity {fit_on}", f"purity {scored_on}", f"purity gap {fit_on}/{scored_on}",
+                    f"linear probe (fit on {fit_on}, scored on {scored_on})"]
+    if rep.under_optimisation:
+        columns += ["probe joint", "probe alone", "starvation gap"]
+    mean, low = rep.shapley.mean(), rep.shapley.low_contribution_share()
+    rows = []
+    for m in mods:
+        u = rep.unimodal.unimodal[m]
+        row = [m, u.accuracy, u.true_prob, mean[m], low[m]]
+        if rep.fisher:
+            row.append(rep.fisher[m])
+        if rep.separability:
+            s = rep.separability[m]
+            row += [s.train_purity, s.val_purity, s.gap,
+                    s.linear_probe if s.linear_probe is not None else "—"]
+        if rep.under_optimisation:
+            uo = rep.under_optimisation[m]
+            row += [uo["joint"], uo["alone"], uo["gap"]]
+        rows.append(row)
+    return Table(columns, rows)
 
 
 def diagnosis_sections(rep, name: str = "", class_names=None,
                        figures: list[tuple[str, str]] | None = None) -> list[Section]:
-    """Verdict, evidence, probes' numbers, per-class breakdown and figures of one diagnosis.
+    """Verdict (with intervals), recommendation, evidence, per-class breakdown and figures of one
+    diagnosis.
 
     ``figures``: already rendered ``(data URI, caption)`` pairs (rendered here when omitted).
     """
     label = f" — {name}" if name else ""
-    mods = list(rep.modalities)
+    mods, split = list(rep.modalities), rep.split
     baseline = getattr(rep, "baseline", None) or rep.config.get("baseline", "zero")
-    evidence = Table(["probe", "dominant", "weakest", *mods, "what it measures"],
-                     [[e.probe, e.dominant, e.weakest, *[e.scores[m] for m in mods], e.description]
-                      for e in rep.evidence])
-    numbers = []
-    for m in mods:
-        u = rep.unimodal.unimodal[m]
-        row = [m, u.accuracy, u.true_prob, rep.shapley.mean()[m],
-               rep.shapley.low_contribution_share()[m]]
-        row.append(rep.fisher[m] if rep.fisher else "—")
-        if rep.separability:
-            s = rep.separability[m]
-            row += [s.train_purity, s.val_purity, s.gap, s.linear_probe]
-        else:
-            row += ["—"] * 4
-        if rep.under_optimisation:
-            uo = rep.under_optimisation[m]
-            row += [uo["joint"], uo["alone"], uo["gap"]]
-        else:
-            row += ["—"] * 3
-        numbers.append(row)
-    per_modality = Table(["modality", f"unimodal acc ({baseline} baseline)", "true-class prob",
-                          f"mean Shapley ({baseline} baseline)",
-                          "low-contrib. share", "Fisher trace", "purity train", "purity val",
-                          "purity gap", "linear probe", "probe joint", "probe alone", "starvation gap"],
-                         numbers)
+    evidence = Table(["probe", "split", "first", "last", *mods, "what it measures"],
+                     [[e.probe, e.split or split, e.dominant, e.weakest,
+                       *[e.scores[m] for m in mods], e.description] for e in rep.evidence],
+                     caption="Point estimates per probe (each probe's own first and last)")
     names = class_names or {}
-    per_class = Table(["class", "n", "fused acc", *[f"{m} acc" for m in mods],
-                       *[f"{m} Shapley" for m in mods]],
+    per_class = Table(["class", "n", f"fused acc ({split})", *[f"{m} acc ({split})" for m in mods],
+                       *[f"{m} Shapley ({split})" for m in mods]],
                       [[names[c] if isinstance(names, (list, tuple)) and c < len(names) else c,
                         rec["n"], rec["acc"], *[rec["unimodal_acc"][m] for m in mods],
                         *[(rec["shapley"] or {}).get(m, float("nan")) for m in mods]]
-                       for c, rec in sorted(rep.per_class.items())])
+                       for c, rec in sorted(rep.per_class.items())],
+                      caption=f"Per class on the {split} split")
     if figures is None:
         figures = [(figure_to_data_uri(fig), caption) for fig, caption in diagnosis_figures(rep).values()]
     absence = (f"Absence: a missing modality's feature is replaced by its '{baseline}' baseline "
                "(the same for unimodal accuracy and Shapley).")
+    # the summary already holds the disagreements: they are not repeated below it
     return [
-        Section(f"Verdict{label}", verdict=rep.summary, verdict_warn=not rep.agree,
-                paragraphs=[absence] + ([] if rep.agree else
-                                        ["Disagreements: " + " ".join(rep.disagreements)])),
-        Section(f"Evidence{label}", tables=[evidence, per_modality], figures=figures),
+        Section(f"Verdict{label}: {rep.verdict}", verdict=rep.summary,
+                verdict_warn=rep.verdict != "imbalanced" or not rep.agree,
+                paragraphs=[absence], tables=_interval_tables(rep)),
+        _recommendation_section(rep, label),
+        Section(f"Evidence{label}", tables=[evidence, _per_modality(rep, baseline)],
+                figures=figures),
         Section(f"Per class{label}", tables=[per_class]),
         Section(f"Configuration{label}", config=rep.config),
     ]
@@ -80,7 +159,8 @@ def diagnosis_sections(rep, name: str = "", class_names=None,
 def diagnosis_html(rep, title: str = "modaldiag diagnosis", class_names=None,
                    figures: list[tuple[str, str]] | None = None) -> str:
     return render_page(title, diagnosis_sections(rep, class_names=class_names, figures=figures),
-                       subtitle=f"modalities: {', '.join(rep.modalities)}")
+                       subtitle=f"modalities: {', '.join(rep.modalities)}; verdict measured on "
+                                f"the {rep.split} split (n = {rep.n or rep.unimodal.n})")
 
 
 def write_diagnosis(rep, directory: Path, title: str = "modaldiag diagnosis",

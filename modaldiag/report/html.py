@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Section", "Table", "render_page", "figure_to_data_uri"]
+__all__ = ["Section", "Table", "Link", "render_page", "figure_to_data_uri"]
 
 _CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
@@ -26,7 +26,8 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.92em}th,td{border:1px so
 text-align:left;vertical-align:top}th{background:#f2f2f2}td.num{text-align:right;font-variant-numeric:tabular-nums}
 figure{margin:1em 0;display:inline-block;max-width:100%}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-size:.85em;color:#555}pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em}
-.muted{color:#666;font-size:.9em}
+.muted{color:#666;font-size:.9em}caption{caption-side:top;text-align:left;font-size:.9em;color:#444;
+padding:.2em 0}
 """
 
 
@@ -45,6 +46,21 @@ def figure_to_data_uri(fig, dpi: int = 110, close: bool = True) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+@dataclass(frozen=True)
+class Link:
+    """A table cell that links ``href`` (escaped; only relative paths and http(s) URLs); a cell
+    may also hold a list of links."""
+
+    text: str
+    href: str
+
+    def render(self) -> str:
+        href = self.href
+        if ":" in href.split("/", 1)[0] and not href.startswith(("http://", "https://")):
+            raise ValueError(f"Link: refusing href {href!r} (relative paths and http(s) only).")
+        return f'<a href="{esc(href)}">{esc(self.text)}</a>'
+
+
 @dataclass
 class Table:
     columns: Sequence[str]
@@ -53,7 +69,12 @@ class Table:
 
     def render(self) -> str:
         def cell(v):
+            if isinstance(v, Link):
+                return f"<td>{v.render()}</td>"
+            if isinstance(v, (list, tuple)) and v and all(isinstance(x, Link) for x in v):
+                return "<td>" + ", ".join(x.render() for x in v) + "</td>"
             if isinstance(v, float):
+                v = v + 0.0 if round(v, 3) else 0.0  # never "-0.000"
                 return f'<td class="num">{v:.3f}</td>'
             if isinstance(v, int) and not isinstance(v, bool):
                 return f'<td class="num">{v}</td>'

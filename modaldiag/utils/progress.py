@@ -15,7 +15,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-__all__ = ["progress_bar", "is_interactive"]
+__all__ = ["progress_bar", "is_interactive", "length_or_none"]
 
 
 def is_interactive() -> bool:
@@ -26,9 +26,22 @@ def is_interactive() -> bool:
         return False
 
 
+def length_or_none(iterable) -> int | None:
+    """``len(iterable)`` when it has one (a DataLoader, a list), else None (a generator)."""
+    try:
+        return len(iterable)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+_IRREGULAR = {"epoch": "epochs"}
+
+
 def _plural(unit: str, n: int) -> str:
     if n == 1:
         return unit
+    if unit in _IRREGULAR:
+        return _IRREGULAR[unit]
     return unit + ("es" if unit.endswith(("ch", "sh", "s", "x")) else "s")
 
 
@@ -126,10 +139,7 @@ def progress_bar(iterable: Iterable | None = None, *, enabled: bool, desc: str,
     if not enabled:
         return _NoProgress(iterable, initial)
     if total is None and iterable is not None:
-        try:
-            total = len(iterable)  # type: ignore[arg-type]
-        except TypeError:
-            total = None
+        total = length_or_none(iterable)
     if not is_interactive():
         return _PlainProgress(iterable, desc=desc, total=total, unit=unit, initial=initial)
     return tqdm(iterable, desc=desc, total=total, unit=unit, initial=initial, leave=leave,

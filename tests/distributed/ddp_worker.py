@@ -29,6 +29,15 @@ REGULATORS = {
     "MMPareto": lambda: md.MMPareto(),
     "Valuation (sample)": lambda: md.ValuationResampling("sample", warmup=1),
     "Valuation (modality)": lambda: md.ValuationResampling("modality", warmup=1),
+    "AGM": lambda: md.AGM(alpha=2.0),
+    "AGM (released)": lambda: md.AGM(variant="released"),
+    "PMR": lambda: md.PMR(per_weight=0.1),
+    "MMCosine": lambda: md.MMCosine(lam=0.1),
+    "MBSD": lambda: md.MBSD(),
+    "CML": lambda: md.CML(),
+    "LFM (learnable)": lambda: md.LFM(schedule="learnable", lr_alpha=1e3, h_over="all"),
+    "GBlending": lambda: md.GBlending(super_epoch=1),
+    "AMCo": lambda: md.AMCo(),
 }
 
 
@@ -57,6 +66,20 @@ class Snapshot(md.training.Callback):
         if isinstance(reg, md.InfoReg):
             snap["alpha"] = dict(reg._alpha)
             snap["window"] = dict(reg.window)
+        if isinstance(reg, (md.AGM, md.PMR)):
+            snap["coefficients"] = dict(reg.coefficients)
+        if isinstance(reg, md.CML):
+            snap["order"] = reg.last_order
+        if isinstance(reg, md.AMCo):
+            snap["dependent"] = {m: bool(v) for m, v in reg.dependent.items()}
+            snap["masks"] = {m: t.int().tolist() for m, t in reg.last_masks.items()}
+        if isinstance(reg, md.LFM):
+            snap["alpha_c"] = float(reg.alpha_c)
+        if isinstance(reg, md.GBlending):
+            snap["weights"] = list(reg.weights or [])
+        owned = getattr(reg, "owned_parameters", None)
+        if owned is not None:  # regulator-owned parameters (heads, AMCo's map, cosine weights)
+            snap["owned"] = [float(p.detach().double().sum()) for p in owned()]
         self.steps.append({"coef": snap, "data": float(ctx.labels.double().sum()
                                                        + ctx.inputs["a"].double().sum())})
 

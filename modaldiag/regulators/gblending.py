@@ -1,0 +1,464 @@
+"""R13: G-Blending (Wang, Tran, Feiszli, CVPR 2020) — gradient blending by overfitting-to-
+generalisation ratio.
+
+Branches ``k in {1..M, fused}``: one classifier per modality plus the fused output ``z = h(f)``.
+Training loss ``L = sum_k w_k CE(z^(k))`` with ``sum_k w_k = 1``. The modality branches are, by
+default, one regulator-owned linear head per modality on its features (``heads="separate"``,
+used only in training; prediction stays ``z``); ``heads="shared"`` uses the model's unimodal
+logits ``z_m = h(f, present={m})``.
+
+Weights (online G-Blend): at the start of every ``super_epoch``-th epoch (epochs 0, N, 2N, ...)
+and for each branch k, a deep copy of the model (and of the owned heads) with a copy of the
+optimizer (its state included) is trained on ``CE(z^(k))`` alone for N epochs of the training
+loader. At both ends the mean per-sample cross-entropy of branch k is measured in eval mode on the
+training set (``L^T``) and on the validation loader (``L^V``)::
+
+    O = L^V - L^T,   dO_k = O_end - O_start,   dG_k = L^V_start - L^V_end,
+    w~_k = max(dG_k, 0) / (dO_k^2 + 1e-12),    w = w~ / sum(w~)   (uniform when every w~_k = 0).
+
+The live model, optimizer, owned heads, the global RNG streams and the loaders' generators end the
+estimate exactly as they began (the trial works on copies inside ``preserved_state``).
+
+DDP: every loss sum and sample count is all-reduced before the weights are formed, and the trial
+copies average their gradients over ranks at every step (as DDP would), so every rank derives the
+same weights. The owned heads live outside the DDP module, so their gradients are averaged over
+ranks before each optimizer step.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..utils.distributed import all_reduce_sum, world_size
+from ..utils.torch_utils import module_device, preserved_state, to_device
+from ..utils.validation import POSITIVE_INT, Options, as_plain_int, unpack_batch
+from .base import SEED, Regulator
+from .mmpareto import _average_over_ranks, _seeded_linear
+
+__all__ = ["GBlending", "gblending_weights"]
+
+#: marks the optimizer parameter group that holds G-Blending's per-modality heads
+HEADS_GROUP_KEY = "modaldiag_gblending_heads"
+#: the ``dO^2`` guard of the weight formula
+EPS = 1e-12
+
+
+def gblending_weights(lt_start, lv_start, lt_end, lv_end, *, variant: str = "paper",
+                      eps: float = EPS) -> tuple[list[float], list[float], list[float]]:
+    """``(w, dG, dO)`` from the four losses of each branch (sequences of equal length K).
+
+    ``dG_k = L^V_start - L^V_end``; ``dO_k = (L^V_end - L^T_end) - (L^V_start - L^T_start)``;
+    ``w~_k = max(dG_k, 0) / (dO_k^2 + eps)`` (``variant="paper"``) or ``|dG_k| / (dO_k^2 + eps)``
+    (``"released"``: BalanceBenchmark's ``abs(g / o**2)``, which loses the sign of ``dG``);
+    ``w = w~ / sum(w~)``, uniform when every ``w~_k`` is 0. Non-finite ``w~_k`` (a diverged trial)
+    count as 0. Computed in float64.
+    """
+    lt_start, lv_start, lt_end, lv_end = ([float(v) for v in seq]
+                                          for seq in (lt_start, lv_start, lt_end, lv_end))
+    k = len(lt_start)
+    if not (k == len(lv_start) == len(lt_end) == len(lv_end)) or k == 0:
+        raise ValueError("gblending_weights: the four loss sequences must be non-empty and of "
+                         "equal length (one entry per branch).")
+    d_g = [vs - ve for vs, ve in zip(lv_start, lv_end, strict=True)]
+    d_o = [(ve - te) - (vs - ts)
+           for ts, vs, te, ve in zip(lt_start, lv_start, lt_end, lv_end, strict=True)]
+    raw = []
+    for g, o in zip(d_g, d_o, strict=True):
+        num = abs(g) if variant == "released" else max(g, 0.0)
+        r = num / (o * o + eps)
+        raw.append(r if math.isfinite(r) else 0.0)
+    total = sum(raw)
+    w = [r / total for r in raw] if total > 0 else [1.0 / k] * k
+    return w, d_g, d_o
+
+
+def _loader_generators(loader) -> list[torch.Generator]:
+    """The torch Generators a DataLoader draws its order from (its own, its samplers')."""
+    found, seen = [], set()
+    candidates = [getattr(loader, "generator", None)]
+    for attr in ("sampler", "batch_sampler"):
+        s = getattr(loader, attr, None)
+        candidates += [getattr(s, "generator", None),
+                       getattr(getattr(s, "sampler", None), "generator", None)]
+    for g in candidates:
+        if isinstance(g, torch.Generator) and id(g) not in seen:
+            seen.add(id(g))
+            found.append(g)
+    return found
+
+
+class _PreservedLoaders:
+    """Restore the generator states of the given loaders on exit (shuffling order untouched)."""
+
+    def __init__(self, *loaders):
+        self.gens = [g for ld in loaders if ld is not None for g in _loader_generators(ld)]
+
+    def __enter__(self):
+        self.states = [g.get_state() for g in self.gens]
+
+    def __exit__(self, *exc) -> bool:
+        for g, s in zip(self.gens, self.states, strict=True):
+            g.set_state(s)
+        return False
+
+
+class GBlending(Regulator):
+    """G-Blending regulator (online mode): per-branch loss weights from trial training.
+
+    Parameters
+    ----------
+    super_epoch : int >= 1, default 10
+        N: the weights are re-estimated at the start of epochs 0, N, 2N, ... by N trial epochs per
+        branch ((M + 1) * N extra training epochs per estimate). 10 is BalanceBenchmark's
+        ``super_epoch``; the paper's value is not verified. ``variant="released"`` needs N >= 2
+        (it measures after the first and after the last trial epoch).
+    variant : {"paper", "released"}, default "paper"
+        ``"released"`` reproduces BalanceBenchmark's estimate: ``|dG| / dO^2`` (sign of ``dG``
+        lost); losses are sums of batch-mean losses, the training one accumulated during the trial
+        epoch in train mode; the start is measured after the first trial epoch; a modality
+        branch's trial trains the fused output with the other modalities' raw inputs set to zero;
+        the trial optimizer restarts from empty state at the initial learning rate. Also sets
+        ``heads="shared"`` unless given.
+    heads : {None, "separate", "shared"}, default None
+        Modality branches: one regulator-owned ``nn.Linear(d_m, C)`` per modality
+        (``"separate"``, the paper's per-modality classifiers; registered with the optimizer as
+        one extra parameter group and saved in ``state_dict``) or the model's unimodal logits
+        ``z_m = h(f, present={m})`` (``"shared"``, BalanceBenchmark). None: ``"separate"`` for
+        ``variant="paper"``, ``"shared"`` for ``"released"``.
+    seed : int >= 0, default 0
+        Seed of the separate heads' initialisation (identical on every DDP rank).
+
+    Needs a validation loader: ``md.fit(..., val_loader=...)`` or, in a plain loop,
+    ``run.start(train_loader, val_loader)`` before the first ``epoch_start``. The Lightning
+    callback passes none and is refused.
+    """
+
+    conflicts = ("MMPareto",)
+    _parameter_constraints = {"super_epoch": [POSITIVE_INT],
+                              "variant": [Options("paper", "released")],
+                              "heads": [None, Options("separate", "shared")],
+                              "seed": [SEED]}
+
+    def __init__(self, super_epoch: int = 10, *, variant: str = "paper", heads: str | None = None,
+                 seed: int = 0):
+        super_epoch, seed = as_plain_int(super_epoch), as_plain_int(seed)
+        self._validate(super_epoch=super_epoch, variant=variant, heads=heads, seed=seed)
+        if variant == "released" and super_epoch < 2:
+            raise ValueError(f"GBlending: super_epoch must be >= 2 with variant='released' (it "
+                             f"measures after the first and after the last trial epoch); got "
+                             f"super_epoch={super_epoch}.")
+        super().__init__()
+        self.super_epoch = super_epoch
+        self.variant = variant
+        self.heads_mode = heads if heads is not None else (
+            "shared" if variant == "released" else "separate")
+        self.seed = seed
+        self.needs_unimodal_logits = self.heads_mode == "shared"
+
+    def config(self) -> dict:
+        return {"super_epoch": self.super_epoch, "variant": self.variant,
+                "heads": self.heads_mode, "seed": self.seed}
+
+    def reset(self) -> None:
+        """Forget the weights, the estimates and the separate heads (a fresh run makes new ones)."""
+        super().reset()
+        self.weights: list[float] | None = None
+        self.estimates: list[dict] = []
+        self.heads: dict[str, nn.Linear] | None = None
+
+    # ------------------------------------------------------------ separate heads
+    def owned_parameters(self) -> list[nn.Parameter]:
+        """The separate heads' parameters (empty with shared heads or before creation)."""
+        if not self.heads:
+            return []
+        return [p for lin in self.heads.values() for p in (lin.weight, lin.bias)]
+
+    def _create_heads(self, model, dims: dict[str, int]) -> None:
+        ref = next((p for p in model.parameters() if p.is_floating_point()), None)
+        device = ref.device if ref is not None else None
+        dtype = ref.dtype if ref is not None else torch.get_default_dtype()
+        gen = torch.Generator().manual_seed(self.seed)
+        self.heads = {m: _seeded_linear(int(dims[m]), int(model.num_classes), gen, device, dtype)
+                      for m in model.modalities}
+
+    def register_parameters(self, optimizer) -> None:
+        """Add the separate heads to ``optimizer`` as one parameter group with the first group's
+        hyperparameters (no-op when already there, or with shared heads); a group left by an
+        earlier run of GBlending is replaced. Resuming a plain loop: ``load_state_dict``, then
+        this, then ``optimizer.load_state_dict``."""
+        params = self.owned_parameters()
+        if optimizer is None or not params:
+            return
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if all(id(p) in held for p in params):
+            return
+        keep = []
+        for g in optimizer.param_groups:
+            if g.get(HEADS_GROUP_KEY):
+                for p in g["params"]:
+                    optimizer.state.pop(p, None)
+            else:
+                keep.append(g)
+        optimizer.param_groups[:] = keep
+        base = {k: (v.clone() if isinstance(v, torch.Tensor) else v)
+                for k, v in optimizer.param_groups[0].items() if k != "params"}
+        optimizer.add_param_group({**base, "params": params, HEADS_GROUP_KEY: True})
+
+    # ------------------------------------------------------------ run hooks
+    def on_fit_start(self, ctx) -> None:
+        super().on_fit_start(ctx)
+        if ctx.val_loader is None:
+            raise ValueError(
+                "GBlending needs a validation loader: its weights come from the validation loss of "
+                "trial-trained copies (ctx.val_loader is None). Use md.fit(model, train_loader, "
+                "val_loader, regulator=md.GBlending()), or in a plain loop call "
+                "run.start(train_loader, val_loader) before the first run.epoch_start. The Lightning "
+                "callback passes no validation loader to regulators and steps your own optimizer, "
+                "so GBlending cannot run there: use md.fit or md.Regulation.")
+        if self.heads_mode == "separate":
+            dims = getattr(ctx.model, "feature_dims", None)
+            if self.heads is None and isinstance(dims, dict):
+                self._create_heads(ctx.model, dims)
+            self.register_parameters(ctx.optimizer)
+
+    def on_train_epoch_start(self, ctx) -> None:
+        if self.heads_mode == "separate" and self.heads is None:
+            self._size_heads(ctx)
+        if self.weights is None or ctx.epoch % self.super_epoch == 0:
+            self._estimate(ctx)
+        w = self.weights
+        self.record_epoch("w_fused", w[-1])
+
+    def on_after_forward(self, ctx) -> None:
+        model, w = ctx.model, self.weights
+        if w is None:
+            raise RuntimeError("GBlending: no weights yet; every epoch must start with "
+                               "run.epoch_start (it estimates them).")
+        m_count = len(model.modalities)
+        ctx.losses["gblending/fused"] = (w[m_count] - 1.0) * ctx.losses["multimodal"]
+        for i, m in enumerate(model.modalities):
+            if self.heads_mode == "shared":
+                logits = ctx.unimodal_logits[m]
+            else:
+                lin = self.heads[m]
+                logits = lin(ctx.features[m].to(lin.weight.dtype))
+            ctx.losses[f"gblending/{m}"] = w[i] * F.cross_entropy(logits, ctx.labels)
+        self.record("w", {m: w[i] for i, m in enumerate(model.modalities)})
+
+    def on_before_optimizer_step(self, ctx) -> None:
+        """Average the separate heads' gradients over DDP ranks (they are outside the DDP module)."""
+        params = self.owned_parameters()
+        if not params or world_size() == 1:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        _average_over_ranks([p.grad for p in params])
+
+    def _size_heads(self, ctx) -> None:
+        """Create the separate heads from one training batch's feature sizes (a model without
+        ``feature_dims``), before anything is trained, and register them."""
+        device = ctx.device or module_device(ctx.model)
+        with preserved_state(ctx.model), _PreservedLoaders(ctx.train_loader), torch.no_grad():
+            inputs, _ = unpack_batch(next(iter(ctx.train_loader)), ctx.model.modalities)
+            ctx.model.eval()
+            feats = ctx.model.encode(to_device(inputs, device))
+        self._create_heads(ctx.model, {m: f.shape[1] for m, f in feats.items()})
+        self.register_parameters(ctx.optimizer)
+
+    # ------------------------------------------------------------ the estimate
+    def _estimate(self, ctx) -> None:
+        model = ctx.model
+        if ctx.optimizer is None:
+            raise ValueError("GBlending needs the run's optimizer (its trial copies train with it).")
+        if ctx.train_loader is None or ctx.val_loader is None:
+            raise ValueError("GBlending needs ctx.train_loader and ctx.val_loader at epoch start.")
+        device = ctx.device or module_device(model)
+        names = list(model.modalities) + ["fused"]
+        branches = list(range(len(names)))
+        with preserved_state(model), _PreservedLoaders(ctx.train_loader, ctx.val_loader), \
+                torch.enable_grad():
+            if self.variant == "paper":
+                with preserved_state(model):  # eval mode only while measuring the start
+                    lt0 = self._mean_losses(model, self.heads, ctx.train_loader, branches, device)
+                    lv0 = self._mean_losses(model, self.heads, ctx.val_loader, branches, device)
+            ends = [self._trial(ctx, k, device) for k in branches]
+        if self.variant == "paper":
+            lt_end = [e[0] for e in ends]
+            lv_end = [e[1] for e in ends]
+        else:
+            lt0, lv0 = [e[0] for e in ends], [e[1] for e in ends]
+            lt_end, lv_end = [e[2] for e in ends], [e[3] for e in ends]
+        w, d_g, d_o = gblending_weights(lt0, lv0, lt_end, lv_end, variant=self.variant)
+        self.weights = w
+        mods = list(model.modalities)
+        est = {"epoch": int(ctx.epoch), "w": w, "delta_G": d_g, "delta_O": d_o,
+               "LT_start": list(map(float, lt0)), "LV_start": list(map(float, lv0)),
+               "LT_end": list(map(float, lt_end)), "LV_end": list(map(float, lv_end))}
+        self.estimates.append(est)
+        for key in ("delta_G", "delta_O", "LT_start", "LV_start", "LT_end", "LV_end"):
+            self.record_epoch(key, {m: est[key][i] for i, m in enumerate(mods)})
+            self.record_epoch(f"{key}_fused", est[key][-1])
+        self.record_epoch("estimated", 1.0)
+
+    def _branch_logits(self, model, heads, inputs, k: int, *, released: bool) -> torch.Tensor:
+        mods = model.modalities
+        if k == len(mods):
+            return model.head(model.encode(inputs))
+        m = mods[k]
+        if released:  # BalanceBenchmark: the fused output with the other raw inputs zeroed
+            zeroed = {o: x if o == m else torch.zeros_like(x) for o, x in inputs.items()}
+            return model.head(model.encode(zeroed))
+        if self.heads_mode == "separate":
+            lin = heads[m]
+            return lin(model.encoders[m](inputs[m]).to(lin.weight.dtype))
+        return model.head(model.encode(inputs), present=(m,))
+
+    @torch.no_grad()
+    def _mean_losses(self, model, heads, loader, branches, device) -> list[float]:
+        """Mean per-sample CE of each branch over ``loader`` in eval mode (paper form), summed
+        and counted over DDP ranks. The modes are the caller's to restore."""
+        model.eval()
+        mods = model.modalities
+        sums = torch.zeros(len(branches) + 1, dtype=torch.float64, device=device)
+        for i, batch in enumerate(loader):
+            inputs, labels = unpack_batch(batch, mods, batch_index=i)
+            inputs, labels = to_device(inputs, device), labels.to(device)
+            feats = model.encode(inputs)
+            for j, k in enumerate(branches):
+                if k == len(mods):
+                    logits = model.head(feats)
+                elif self.heads_mode == "separate":
+                    lin = heads[mods[k]]
+                    logits = lin(feats[mods[k]].to(lin.weight.dtype))
+                else:
+                    logits = model.head(feats, present=(mods[k],))
+                sums[j] += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+            sums[-1] += labels.shape[0]
+        all_reduce_sum(sums)
+        count = max(float(sums[-1]), 1.0)
+        return [float(s) / count for s in sums[:-1]]
+
+    @torch.no_grad()
+    def _released_val_sum(self, model, heads, loader, k, device) -> float:
+        """BalanceBenchmark's validation loss: the sum of batch-mean CEs (eval mode)."""
+        model.eval()
+        total = torch.zeros(1, dtype=torch.float64, device=device)
+        for i, batch in enumerate(loader):
+            inputs, labels = unpack_batch(batch, model.modalities, batch_index=i)
+            inputs, labels = to_device(inputs, device), labels.to(device)
+            total += F.cross_entropy(self._branch_logits(model, heads, inputs, k, released=True)
+                                     .float(), labels).double()
+        return float(all_reduce_sum(total))
+
+    def _trial_optimizer(self, optimizer, memo: dict):
+        """An optimizer of the live one's class over the copies (parameters it holds that are
+        not copied get detached stand-ins that receive no gradient). Paper: the live state is
+        deep-copied; released: empty state at each group's initial learning rate."""
+        groups = []
+        for g in optimizer.param_groups:
+            params = []
+            for p in g["params"]:
+                q = memo.get(id(p))
+                params.append(q if isinstance(q, torch.Tensor) else
+                              nn.Parameter(p.detach().clone(), requires_grad=False))
+            hyper = {key: copy.deepcopy(v) for key, v in g.items() if key != "params"}
+            if self.variant == "released" and "initial_lr" in hyper:
+                hyper["lr"] = hyper["initial_lr"]
+            groups.append({**hyper, "params": params})
+        trial = type(optimizer)(groups, **copy.deepcopy(optimizer.defaults))
+        if self.variant == "paper":
+            # a deep copy: load_state_dict would otherwise share the live state tensors
+            trial.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+        return trial
+
+    def _trial(self, ctx, k: int, device) -> list[float]:
+        """Train copies on branch k for N epochs; returns ``[L^T_end, L^V_end]`` (paper) or
+        ``[L^T_start, L^V_start, L^T_end, L^V_end]`` (released)."""
+        model = ctx.model
+        memo: dict = {}
+        trial_model = copy.deepcopy(model, memo)
+        trial_heads = copy.deepcopy(self.heads, memo) if self.heads else None
+        if not trial_model.training:  # mimic md.fit: a model handed over in eval trains whole
+            trial_model.train()
+        opt = self._trial_optimizer(ctx.optimizer, memo)
+        modes = [(mod, mod.training) for mod in trial_model.modules()]
+        released = self.variant == "released"
+        params = [p for p in trial_model.parameters() if p.requires_grad]
+        if trial_heads:
+            params += [p for lin in trial_heads.values() for p in lin.parameters()]
+        out: list[float] = []
+        for epoch in range(self.super_epoch):
+            for mod, training in modes:
+                mod.training = training
+            train_sum = self._trial_epoch(trial_model, trial_heads, opt, params, ctx.train_loader,
+                                          k, device, released)
+            if released and epoch in (0, self.super_epoch - 1):
+                out += [train_sum, self._released_val_sum(trial_model, trial_heads,
+                                                          ctx.val_loader, k, device)]
+        if not released:
+            out = [self._mean_losses(trial_model, trial_heads, loader, [k], device)[0]
+                   for loader in (ctx.train_loader, ctx.val_loader)]
+        del trial_model, trial_heads, opt
+        return out
+
+    def _trial_epoch(self, model, heads, opt, params, loader, k, device, released) -> float:
+        """One trial epoch on branch k's CE; returns the all-reduced sum of batch losses."""
+        total = torch.zeros(1, dtype=torch.float64, device=device)
+        distributed = world_size() > 1
+        for i, batch in enumerate(loader):
+            inputs, labels = unpack_batch(batch, model.modalities, batch_index=i)
+            inputs, labels = to_device(inputs, device), labels.to(device)
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(self._branch_logits(model, heads, inputs, k, released=released)
+                                   .float(), labels)
+            bad = torch.zeros(1, device=device) + (0.0 if torch.isfinite(loss) else 1.0)
+            if float(all_reduce_sum(bad)) > 0:  # skipped on every rank alike
+                continue
+            loss.backward()
+            if distributed:  # the same parameters get gradients on every rank (same branch)
+                _average_over_ranks([p.grad for p in params if p.grad is not None])
+            opt.step()
+            total += loss.detach().double()
+        return float(all_reduce_sum(total))
+
+    # ------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        state: dict = {}
+        if self.weights is not None:
+            state["weights"] = list(self.weights)
+            state["estimates"] = copy.deepcopy(self.estimates)
+        if self.heads:
+            state["heads"] = {m: {"weight": lin.weight.detach().clone(),
+                                  "bias": lin.bias.detach().clone()}
+                              for m, lin in self.heads.items()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the weights, the estimates and the separate heads; the next ``on_fit_start``
+        keeps them and registers the heads with the run's optimizer."""
+        state = state or {}
+        saved = state.get("heads")
+        if saved and self.heads_mode != "separate":
+            raise ValueError("GBlending: the state holds separate heads but this regulator uses "
+                             f"heads={self.heads_mode!r}.")
+        heads = None
+        if saved:
+            heads = {}
+            for m, t in saved.items():
+                w, b = t["weight"], t["bias"]
+                lin = nn.utils.skip_init(nn.Linear, w.shape[1], w.shape[0], device=w.device,
+                                         dtype=w.dtype)
+                with torch.no_grad():
+                    lin.weight.copy_(w)
+                    lin.bias.copy_(b)
+                heads[m] = lin
+        super().load_state_dict(state)
+        self.heads = heads
+        self.weights = [float(v) for v in state["weights"]] if "weights" in state else None
+        self.estimates = copy.deepcopy(state.get("estimates", []))
