@@ -63,7 +63,7 @@ def test_noise_rule_follows_the_test_size(tmp_path):
     text, _ = comparison_summary([base, other])
     assert "fused test accuracy +12.5 points (higher)" in text  # one whole sample
     assert "'b' unimodal test accuracy +6.2 points (within noise)" in text
-    assert "a change under 12.5 points (one of 8 test samples)" in text
+    assert "a change under 12.5 points (one of the 8 test samples)" in text
 
 
 def test_frame_and_files(tmp_path):

@@ -35,6 +35,23 @@ def _lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
+@pytest.fixture(autouse=True)
+def every_phase_prints(monkeypatch):
+    """These tests check the plain lines of fast phases: print them whatever their length."""
+    monkeypatch.setattr(progress_module, "PLAIN_MIN_SECONDS", 0.0)
+
+
+def test_plain_lines_skip_phases_shorter_than_a_second(monkeypatch, capfd):
+    monkeypatch.setattr(progress_module, "PLAIN_MIN_SECONDS", 1.0)
+    clock = iter([0.0, 0.2, 10.0, 12.5])
+    monkeypatch.setattr(progress_module.time, "perf_counter", lambda: next(clock))
+    for _ in progress_bar(range(3), enabled=True, desc="fast"):
+        pass
+    for _ in progress_bar(range(2), enabled=True, desc="slow"):
+        pass
+    assert _lines(capfd.readouterr().err) == ["modaldiag: slow: 2 batches in 2.5 s"]
+
+
 # ---------------------------------------------------------------- quiet
 def test_quiet_fit_shapley_and_fisher_write_nothing(small, capfd):
     model = make_model()

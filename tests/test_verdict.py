@@ -303,7 +303,9 @@ def test_report_shows_disagreements_once_and_no_empty_columns(held_out):
         assert empty not in page
 
 
-def test_progress_is_silent_when_disabled_and_names_every_probe(strong_weak, capsys):
+def test_progress_is_silent_when_disabled_and_names_every_probe(strong_weak, capsys,
+                                                               monkeypatch):
+    monkeypatch.setattr(md.utils.progress, "PLAIN_MIN_SECONDS", 0.0)  # print even fast phases
     data, model = strong_weak
     loader, val = data.test.loader(256), data.val.loader(256)
     md.diagnose(model, loader, val, fisher="batch", progress=False)

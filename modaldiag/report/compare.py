@@ -84,9 +84,8 @@ def comparison_summary(runs) -> tuple[str, str]:
             parts.append(f"{m!r} unimodal {SPLIT} accuracy {_describe(d, n)}")
         lines.append(f"{label} vs {labels[0]}: " + "; ".join(parts) + ".")
     noise = _noise_points(n)
-    why = (f"one of {n} test samples" if n and 100.0 / n > NOISE_POINTS
-           else f"{NOISE_POINTS:g} point")
-    lines.append(f"Within noise: a change under {noise:.1f} points ({why}). Single seed each: see "
+    why = (f" (one of the {n} test samples)" if n and 100.0 / n > NOISE_POINTS else "")
+    lines.append(f"'Within noise': a change under {noise:.1f} points{why}. Single seed each: see "
                  "docs/benchmarks.md for means over 5 seeds with paired tests.")
     return "\n".join(lines), weakest
 

@@ -3,7 +3,8 @@
 ``progress_bar(iterable, enabled=..., desc=...)`` returns a tqdm bar on an interactive terminal.
 When ``enabled`` is False nothing is printed. When stderr is not a terminal (a log file, CI, a
 pipe) the carriage-return bar is replaced by one plain line per phase when it ends
-(``"modaldiag: shapley: 12 batches in 3.1 s"``), so logs stay readable.
+(``"modaldiag: shapley: 12 batches in 3.1 s"``), and only for phases that took at least
+:data:`PLAIN_MIN_SECONDS` (a phase longer than a second), so logs stay readable.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-__all__ = ["progress_bar", "is_interactive", "length_or_none"]
+__all__ = ["progress_bar", "is_interactive", "length_or_none", "PLAIN_MIN_SECONDS"]
+
+#: when stderr is not a terminal, phases shorter than this many seconds print nothing
+PLAIN_MIN_SECONDS = 1.0
 
 
 def is_interactive() -> bool:
@@ -77,6 +81,8 @@ class _PlainProgress:
             return
         self._closed = True
         took = time.perf_counter() - self._start
+        if took < PLAIN_MIN_SECONDS:
+            return
         print(f"modaldiag: {self.desc}: {self.n} {_plural(self.unit, self.n)} in {took:.1f} s",
               file=sys.stderr, flush=True)
 
