@@ -154,7 +154,8 @@ def _cmd_train(args) -> int:
 
 
 def _diagnose_run(run, device, progress):
-    """Diagnose a run on its held-out test split (separability: train vs val).
+    """Diagnose a run on its held-out test split (separability: train vs val; the run's
+    History gives the learning-window evidence).
 
     Returns ``(Diagnosis, data)``."""
     from .probes import diagnose
@@ -164,7 +165,7 @@ def _diagnose_run(run, device, progress):
     model = run.model(data, device=device or "cpu")
     _, val_loader, test_loader, train_loader = run_loaders(data, run.config.get("batch_size", 64))
     rep = diagnose(model, test_loader, val_loader, split="test", train_loader=train_loader,
-                   progress=progress)
+                   progress=progress, history=run.history)
     return rep, data
 
 

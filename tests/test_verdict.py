@@ -344,3 +344,37 @@ def test_combine_over_seeds_covers_training_randomness(strong_weak, held_out):
     saved = md.Diagnosis.from_dict(held_out.to_dict())
     with pytest.raises(ValueError, match="per-sample values"):
         md.probes.combine([held_out, saved])
+
+
+def test_window_timing_is_evidence_only_for_an_imbalanced_verdict():
+    from modaldiag.probes.recommend import recommend
+
+    acc = {"a": 0.9, "b": 0.5}
+    early = {"a": {"open_epochs": [0, 1, 2], "closed_at": 3, "epochs": 30}}
+    late = {"a": {"open_epochs": list(range(20)), "closed_at": 20, "epochs": 30}}
+    still_open = {"a": {"open_epochs": list(range(30)), "closed_at": None, "epochs": 30}}
+    recs = recommend("imbalanced", "a", "b", unimodal_accuracy=acc, split="test", window=early)
+    assert [r["method"] for r in recs] == ["InfoReg", "OGM-GE"]
+    assert "closed at epoch 3 of 30" in recs[0]["why"]
+    recs = recommend("imbalanced", "a", "b", unimodal_accuracy=acc, split="test", window=late)
+    assert all("window" not in r["why"] for r in recs)  # closed late: not early-set evidence
+    recs = recommend("imbalanced", "a", "b", unimodal_accuracy=acc, split="test",
+                     window=still_open)
+    assert recs[0]["method"] == "InfoReg" and "still open at the last of 30" in recs[0]["why"]
+    for verdict in ("balanced", "inconclusive"):
+        assert recommend(verdict, None, None, unimodal_accuracy=acc, split="test",
+                         window=early) == []
+
+
+def test_diagnose_reads_the_window_from_the_training_history(strong_weak):
+    data, model = strong_weak
+    hist = md.History(("a", "b"), epochs=[
+        {"epoch": t, "fisher": {"a": v, "b": v}} for t, v in enumerate([1.0, 2.0, 3.0, 3.0, 3.0,
+                                                                          3.0, 3.0, 3.0, 3.0])])
+    rep = md.diagnose(model, data.test.loader(256), fisher=None, history=hist)
+    window = rep.config["window"]
+    assert window["a"]["open_epochs"] == md.learning_window(hist).open_epochs()["a"]
+    assert window["a"]["epochs"] == 9 and window["a"]["closed_at"] is not None
+    assert md.diagnose(model, data.test.loader(256), fisher=None).config["window"] is None
+    with pytest.raises(ValueError, match="history"):
+        md.diagnose(model, data.test.loader(256), history={"epochs": []})

@@ -72,6 +72,7 @@ from .verdict import (
     seed_intervals,
     shapley_margin,
 )
+from .window import learning_window
 
 __all__ = ["diagnose", "Diagnosis", "Evidence", "ShapleySummary", "under_optimisation", "combine",
            "split_of"]
@@ -451,6 +452,8 @@ _DIAGNOSE_CONSTRAINTS = {
     "baseline": BASELINE_CONSTRAINT, "fisher": [None, Options(*FISHER_FORMS)],
     "reference_epochs": [None, POSITIVE_INT], "seed": SEED, "progress": [BOOL],
     "n_resamples": [POSITIVE_INT], "level": [Interval(0, 1, closed="neither")],
+    "history": [None, Satisfies(lambda h: hasattr(h, "series") and hasattr(h, "epochs"),
+                                "a modaldiag History (what md.fit returns)")],
 }
 _BASELINE_WORDS = {"zero": "zero features", "mean": "mean training features",
                    "custom": "custom per-modality baseline vectors"}
@@ -514,6 +517,7 @@ def diagnose(
     progress: bool = False,
     n_resamples: int = 1000,
     level: float = 0.95,
+    history=None,
 ) -> Diagnosis:
     """Diagnose modality imbalance of a trained model, with intervals and an honest verdict.
 
@@ -556,6 +560,10 @@ def diagnose(
         Bootstrap resamples of the verdict's intervals.
     level : float, default 0.95
         Coverage of the intervals.
+    history : History, optional
+        The model's training History (``md.fit``'s return value, with the monitored Fisher
+        traces): its prime learning window (paper rule) becomes evidence for the recommendation
+        (when the dominant modality's window closed, a remedy must act before it).
 
     The model (every submodule's mode, ``requires_grad``, ``.grad``, buffers) and the global RNG
     states are left exactly as found.
@@ -572,7 +580,7 @@ def diagnose(
                      "baseline": baseline, "fisher": fisher, "reference_epochs": reference_epochs,
                      "seed": seed, "baseline_loader": baseline_loader, "progress": progress,
                      "train_loader": train_loader, "split": split, "n_resamples": n_resamples,
-                     "level": level},
+                     "level": level, "history": history},
                     "diagnose")
     net = contract_model(model)
     if reference_epochs is not None and val_loader is None:
@@ -608,9 +616,31 @@ def diagnose(
               "reference_epochs": reference_epochs, "seed": seed,
               "separability_splits": ({"fit": fit_split, "score": val_split}
                                       if sep is not None else None),
-              "n_resamples": n_resamples, "level": level}
+              "n_resamples": n_resamples, "level": level,
+              "window": _window_evidence(history, net.modalities)}
     return _diagnosis(net, ev, sv, tr, sep, under, kind, config, split=split,
                       n_resamples=n_resamples, level=level, seed=seed)
+
+
+def _window_evidence(history, modalities) -> dict | None:
+    """``{m: {"open_epochs": [...], "closed_at": epoch or None, "epochs": N}}`` from the
+    History's monitored traces (paper rule); None without a History or traces."""
+    if history is None or len(history) == 0:
+        return None
+    try:
+        win = learning_window(history)
+    except ValueError:  # no monitored Fisher traces in this History
+        return None
+    out = {}
+    for m in modalities:
+        states = win.open.get(m)
+        if not states:
+            continue
+        opened = [t for t, o in enumerate(states) if o]
+        closed_at = next((t for t in range(opened[-1] + 1, len(states)) if not states[t]), None) \
+            if opened else 0
+        out[m] = {"open_epochs": opened, "closed_at": closed_at, "epochs": len(states)}
+    return out or None
 
 
 def _intervals(ev: EvalResult, sv: ShapleyValues, mods, split: str, n_resamples: int,
@@ -685,7 +715,7 @@ def _diagnosis(net, ev: EvalResult, sv: ShapleyValues, tr, sep, under, kind: str
     verdict = decide(intervals, ranking, n=n, copies=ev.copies)
     recs = recommend(verdict.verdict, verdict.dominant, verdict.weakest,
                      unimodal_accuracy=uni_acc, split=split, separability=sep,
-                     under_optimisation=under)
+                     under_optimisation=under, window=config.get("window"))
     pct = f"{100 * level:g} % CI"
     fair = float(sv.full_value.mean()) / len(mods)
     lines = [

@@ -16,6 +16,12 @@ linear probe trails ``d``'s by
 >= ``KNOWLEDGE_GAP`` (0.10)
 purity of ``d`` on D exceeds V         the dominant encoder over-fits               Re-learning
 by >= ``OVERFIT_GAP`` (0.10)
+the prime learning window of ``d``     the imbalance was set early: a remedy must   InfoReg, OGM-GE
+(``history=``) closed within the       act from the first epochs (InfoReg
+first ``WINDOW_EARLY`` (1/3) of        regulates inside the window)
+training
+the window of ``d`` is still open at   training may be too short for the picture   InfoReg
+the last epoch                         to settle; InfoReg acts while it is open
 none of the above (no held-out         the cause (head or encoder) is unknown:      OGM-GE, InfoReg
 linear probe)                          the generic remedy slows ``d``
 =====================================  ===========================================  =====================================
@@ -23,7 +29,8 @@ linear probe)                          the generic remedy slows ``d``
 
 from __future__ import annotations
 
-__all__ = ["recommend", "METHOD_PAGES", "HEAD_GAP", "UNDER_GAP", "KNOWLEDGE_GAP", "OVERFIT_GAP"]
+__all__ = ["recommend", "METHOD_PAGES", "HEAD_GAP", "UNDER_GAP", "KNOWLEDGE_GAP", "OVERFIT_GAP",
+           "WINDOW_EARLY"]
 
 #: method name -> documentation page (relative to the repository root)
 METHOD_PAGES = {
@@ -42,6 +49,8 @@ UNDER_GAP = 0.02
 KNOWLEDGE_GAP = 0.10
 #: train minus val k-means purity of the dominant encoder: over-fitting
 OVERFIT_GAP = 0.10
+#: the dominant's prime learning window closed within this fraction of the training epochs
+WINDOW_EARLY = 1 / 3
 
 
 def _add(out: list[dict], methods, why: str) -> None:
@@ -52,7 +61,7 @@ def _add(out: list[dict], methods, why: str) -> None:
 
 def recommend(verdict: str, dominant: str | None, weakest: str | None, *,
               unimodal_accuracy: dict[str, float], split: str, separability=None,
-              under_optimisation: dict | None = None) -> list[dict]:
+              under_optimisation: dict | None = None, window: dict | None = None) -> list[dict]:
     """Methods for an imbalanced model, each with ``{"method", "why", "page"}``.
 
     Parameters
@@ -68,6 +77,9 @@ def recommend(verdict: str, dominant: str | None, weakest: str | None, *,
         Linear probe and purities (with their ``train_split`` / ``val_split``).
     under_optimisation : dict, optional
         ``{m: {"joint", "alone", "gap"}}``.
+    window : dict, optional
+        ``{m: {"open_epochs", "closed_at", "epochs"}}`` from the training History's prime
+        learning window (``diagnose(history=...)``).
     """
     if verdict != "imbalanced" or dominant is None or weakest is None:
         return []
@@ -99,6 +111,19 @@ def recommend(verdict: str, dominant: str | None, weakest: str | None, *,
                  f"the dominant {d!r} encoder over-fits: k-means purity {s.train_purity:.3f} on "
                  f"{s.train_split} vs {s.val_purity:.3f} on {s.val_split}; re-initialise it "
                  "softly (Re-learning).")
+    win = (window or {}).get(d)
+    if win and win["open_epochs"]:
+        closed, total = win["closed_at"], win["epochs"]
+        if closed is not None and closed <= WINDOW_EARLY * total:
+            _add(out, ["InfoReg", "OGM-GE"],
+                 f"{d!r}'s prime learning window (training History, paper rule) closed at epoch "
+                 f"{closed} of {total}: the imbalance was set in the first epochs, so a remedy "
+                 f"must act from epoch 0 (InfoReg regulates inside the window).")
+        elif closed is None and win["open_epochs"][-1] == total - 1:
+            _add(out, ["InfoReg"],
+                 f"{d!r}'s prime learning window is still open at the last of {total} training "
+                 "epochs: training may be too short for the imbalance to settle; InfoReg "
+                 "regulates while the window is open.")
     if not out:
         why = (f"{d!r} leads {w!r} in what the fused model uses ({split}); "
                + ("the encoders' held-out evidence points to no specific cause, so "
