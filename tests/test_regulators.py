@@ -511,6 +511,14 @@ REGULATORS = {
     "MMPareto": lambda: md.MMPareto(),
     "Valuation-sample": lambda: md.ValuationResampling(warmup=1),
     "Valuation-modality": lambda: md.ValuationResampling("modality", warmup=1),
+    "AGM": lambda: md.AGM(alpha=2.0),
+    "PMR": lambda: md.PMR(),
+    "MMCosine": lambda: md.MMCosine(),
+    "MBSD": lambda: md.MBSD(),
+    "CML": lambda: md.CML(),
+    "LFM": lambda: md.LFM(schedule="learnable", lr_alpha=1e3),
+    "GBlending": lambda: md.GBlending(super_epoch=1),
+    "AMCo": lambda: md.AMCo(),
 }
 
 
