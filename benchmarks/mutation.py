@@ -73,7 +73,17 @@ TESTS = {
     "probes/separability.py": ["tests/test_separability.py", "tests/test_mutation_survivors.py"],
     "probes/unimodal.py": ["tests/test_unimodal.py", "tests/test_regulators.py",
                            "tests/test_mutation_survivors.py"],
-    "probes/diagnose.py": ["tests/test_diagnose.py"],
+    "probes/diagnose.py": ["tests/test_diagnose.py", "tests/test_verdict.py"],
+    "probes/verdict.py": ["tests/test_verdict.py", "tests/test_diagnose.py"],
+    "probes/recommend.py": ["tests/test_verdict.py"],
+    "regulators/agm.py": ["tests/test_agm_cml.py"],
+    "regulators/cml.py": ["tests/test_agm_cml.py"],
+    "regulators/pmr.py": ["tests/test_pmr_amco.py"],
+    "regulators/amco.py": ["tests/test_pmr_amco.py"],
+    "regulators/mmcosine.py": ["tests/test_mmcosine_mbsd_lfm.py"],
+    "regulators/mbsd.py": ["tests/test_mmcosine_mbsd_lfm.py"],
+    "regulators/lfm.py": ["tests/test_mmcosine_mbsd_lfm.py"],
+    "regulators/gblending.py": ["tests/test_gblending.py"],
     "probes/_common.py": ["tests/test_probe_state.py", "tests/test_shapley.py",
                           "tests/test_mutation_survivors.py"],
 }
@@ -428,6 +438,9 @@ def main(argv=None) -> int:
     ap.add_argument("--catalogue", action="store_true", help="run the hand-written CATALOGUE")
     ap.add_argument("--bugs", default="", help="with --catalogue: only bugs whose name contains this")
     ap.add_argument("--out", default=None, help="JSON results (appended to as mutants finish)")
+    ap.add_argument("--files", nargs="*", default=None,
+                    help="sample only sites of these files (relative to modaldiag/, e.g. "
+                         "regulators/agm.py)")
     args = ap.parse_args(argv)
 
     work = Path(args.work)
@@ -435,6 +448,11 @@ def main(argv=None) -> int:
         make_work(work)  # a frozen snapshot: sites and mutants both come from it
     check_copy(work)
     sites = all_sites(work)
+    if args.files:
+        unknown = sorted(set(args.files) - {s.file for s in sites})
+        if unknown:
+            ap.error(f"no mutation sites in {unknown}; see --list for the files")
+        sites = [s for s in sites if s.file in args.files]
     if args.catalogue:
         return run_catalogue(work, args)
     if args.show:

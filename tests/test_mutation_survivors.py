@@ -53,8 +53,10 @@ def test_purity_of_separated_clusters_is_one_and_of_shuffled_labels_is_lower():
     assert md.probes.purity(x, mixed, 2) == 0.5
 
 
-def test_probes_print_no_progress_bar_unless_asked(tmp_path, capfd):
+def test_probes_print_no_progress_bar_unless_asked(tmp_path, capfd, monkeypatch):
     from conftest import make_inputs, make_model
+
+    monkeypatch.setattr(md.utils.progress, "PLAIN_MIN_SECONDS", 0.0)  # print even fast phases
 
     from modaldiag.probes.shapley import shapley_to_disk
 

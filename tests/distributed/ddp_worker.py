@@ -10,6 +10,7 @@ forward-side statistics were all-reduced). Then the distributed probe results, f
 compare with one process on the union of the shards.
 """
 
+import gc
 import json
 import sys
 
@@ -175,6 +176,7 @@ def main(out: str) -> None:
         with open(f"{out}/ddp_results.json", "w") as fh:
             json.dump(results, fh)
     dist.barrier()
+    gc.collect()  # release gloo's last buffers before the group goes (see examples/torchrun_ddp.py)
     dist.destroy_process_group()
 
 
