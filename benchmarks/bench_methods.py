@@ -112,6 +112,8 @@ def run_config(name: str, method: str, seed: int, epochs: int, batch_size: int) 
         "optimizer": optimizer_config(_optimizer(model)),
         "epochs": epochs, "batch_size": batch_size, "eval_batch_size": 512, "seed": seed,
         "selection": "md.fit restore_best on the validation split", "torch": torch.__version__,
+        # conv/BLAS reductions depend on the thread count: hapt's numbers move with it
+        "torch_threads": torch.get_num_threads(),
     }
 
 

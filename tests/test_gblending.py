@@ -365,16 +365,27 @@ def test_missing_val_loader_is_refused_with_advice(duo):
         run.epoch_start(0, duo.train.loader(32))
 
 
-def test_lightning_is_refused(duo):
+def test_lightning_runs_with_its_own_val_loader_and_is_refused_without(duo):
     pl = pytest.importorskip("lightning.pytorch")
     from modaldiag.integrations.lightning import ModalDiagCallback, ModalDiagModule
 
-    cb = ModalDiagCallback(md.GBlending(heads="shared"), monitor=False)
-    trainer = pl.Trainer(max_epochs=1, callbacks=[cb], accelerator="cpu", devices=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
-    with pytest.raises(ValueError, match="Lightning callback .* GBlending cannot run there"):
-        trainer.fit(ModalDiagModule(_model(duo)), duo.train.loader(32))
+    def trainer(cb):
+        return pl.Trainer(max_epochs=2, callbacks=[cb], accelerator="cpu", devices=1,
+                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False)
+
+    with pytest.raises(ValueError, match=r"GBlending needs a validation loader.*val_loader=\.\.\."):
+        trainer(ModalDiagCallback(md.GBlending(), monitor=False)).fit(
+            ModalDiagModule(_model(duo)), duo.train.loader(32))
+    reg = md.GBlending(super_epoch=1, val_loader=duo.val.loader(64))
+    cb = ModalDiagCallback(reg, monitor=False)
+    t = trainer(cb)
+    t.fit(ModalDiagModule(_model(duo)), duo.train.loader(32))
+    assert len(cb.logs) == 2 and len(reg.estimates) == 2
+    w = [cb.logs[-1]["regulator"]["w"][m] for m in duo.modalities] + [cb.logs[-1]["regulator"]["w_fused"]]
+    assert sum(w) == pytest.approx(1.0, rel=1e-6)
+    held = {id(p) for g in t.optimizers[0].param_groups for p in g["params"]}
+    assert all(id(p) in held for p in reg.owned_parameters())  # the heads joined the optimizer
 
 
 def test_mmpareto_combination_is_refused():
@@ -397,7 +408,7 @@ def test_constraints_cover_every_constructor_argument():
     assert set(inspect.signature(md.GBlending).parameters) == set(
         md.GBlending._parameter_constraints)
     assert md.GBlending().config() == {"super_epoch": 10, "variant": "paper",
-                                       "heads": "separate", "seed": 0}
+                                       "heads": "separate", "seed": 0, "val_loader": "the run's"}
 
 
 def test_wrapped_model_without_feature_dims_sizes_the_heads_from_a_batch(duo):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,7 @@ from torch import nn
 
 from ..utils.distributed import all_reduce_sum, world_size
 from ..utils.torch_utils import module_device, preserved_state, to_device
-from ..utils.validation import POSITIVE_INT, Options, as_plain_int, unpack_batch
+from ..utils.validation import POSITIVE_INT, Options, Satisfies, as_plain_int, unpack_batch
 from .base import SEED, Regulator
 from .mmpareto import _average_over_ranks, _seeded_linear
 
@@ -132,22 +133,29 @@ class GBlending(Regulator):
         ``variant="paper"``, ``"shared"`` for ``"released"``.
     seed : int >= 0, default 0
         Seed of the separate heads' initialisation (identical on every DDP rank).
+    val_loader : iterable, optional
+        Held-out data for the weights' validation losses. None: the run's validation loader
+        (``md.fit(..., val_loader=...)``, or ``run.start(train_loader, val_loader)`` in a plain
+        loop). Give it under Lightning, whose callback passes no validation loader to
+        regulators: ``ModalDiagCallback(md.GBlending(val_loader=val))``.
 
-    Needs a validation loader: ``md.fit(..., val_loader=...)`` or, in a plain loop,
-    ``run.start(train_loader, val_loader)`` before the first ``epoch_start``. The Lightning
-    callback passes none and is refused.
+    Needs a validation loader (this argument or the run's); without one the run is refused at
+    its start with a ValueError that says how to give one.
     """
 
     conflicts = ("MMPareto",)
     _parameter_constraints = {"super_epoch": [POSITIVE_INT],
                               "variant": [Options("paper", "released")],
                               "heads": [None, Options("separate", "shared")],
-                              "seed": [SEED]}
+                              "seed": [SEED],
+                              "val_loader": [None, Satisfies(lambda v: hasattr(v, "__iter__"),
+                                                             "an iterable of (inputs, labels)")]}
 
     def __init__(self, super_epoch: int = 10, *, variant: str = "paper", heads: str | None = None,
-                 seed: int = 0):
+                 seed: int = 0, val_loader: Iterable | None = None):
         super_epoch, seed = as_plain_int(super_epoch), as_plain_int(seed)
-        self._validate(super_epoch=super_epoch, variant=variant, heads=heads, seed=seed)
+        self._validate(super_epoch=super_epoch, variant=variant, heads=heads, seed=seed,
+                       val_loader=val_loader)
         if variant == "released" and super_epoch < 2:
             raise ValueError(f"GBlending: super_epoch must be >= 2 with variant='released' (it "
                              f"measures after the first and after the last trial epoch); got "
@@ -158,11 +166,13 @@ class GBlending(Regulator):
         self.heads_mode = heads if heads is not None else (
             "shared" if variant == "released" else "separate")
         self.seed = seed
+        self.val_loader = val_loader
         self.needs_unimodal_logits = self.heads_mode == "shared"
 
     def config(self) -> dict:
         return {"super_epoch": self.super_epoch, "variant": self.variant,
-                "heads": self.heads_mode, "seed": self.seed}
+                "heads": self.heads_mode, "seed": self.seed,
+                "val_loader": "own" if self.val_loader is not None else "the run's"}
 
     def reset(self) -> None:
         """Forget the weights, the estimates and the separate heads (a fresh run makes new ones)."""
@@ -210,16 +220,20 @@ class GBlending(Regulator):
         optimizer.add_param_group({**base, "params": params, HEADS_GROUP_KEY: True})
 
     # ------------------------------------------------------------ run hooks
+    def _val(self, ctx):
+        """The validation loader of the weights: this regulator's own, else the run's."""
+        return self.val_loader if self.val_loader is not None else ctx.val_loader
+
     def on_fit_start(self, ctx) -> None:
         super().on_fit_start(ctx)
-        if ctx.val_loader is None:
+        if self._val(ctx) is None:
             raise ValueError(
                 "GBlending needs a validation loader: its weights come from the validation loss of "
                 "trial-trained copies (ctx.val_loader is None). Use md.fit(model, train_loader, "
                 "val_loader, regulator=md.GBlending()), or in a plain loop call "
-                "run.start(train_loader, val_loader) before the first run.epoch_start. The Lightning "
-                "callback passes no validation loader to regulators and steps your own optimizer, "
-                "so GBlending cannot run there: use md.fit or md.Regulation.")
+                "run.start(train_loader, val_loader) before the first run.epoch_start, or give "
+                "md.GBlending(val_loader=...) (the way under the Lightning callback, which passes "
+                "no validation loader to regulators).")
         if self.heads_mode == "separate":
             dims = getattr(ctx.model, "feature_dims", None)
             if self.heads is None and isinstance(dims, dict):
@@ -276,17 +290,19 @@ class GBlending(Regulator):
         model = ctx.model
         if ctx.optimizer is None:
             raise ValueError("GBlending needs the run's optimizer (its trial copies train with it).")
-        if ctx.train_loader is None or ctx.val_loader is None:
-            raise ValueError("GBlending needs ctx.train_loader and ctx.val_loader at epoch start.")
+        val_loader = self._val(ctx)
+        if ctx.train_loader is None or val_loader is None:
+            raise ValueError("GBlending needs ctx.train_loader and a validation loader at epoch "
+                             "start.")
         device = ctx.device or module_device(model)
         names = list(model.modalities) + ["fused"]
         branches = list(range(len(names)))
-        with preserved_state(model), _PreservedLoaders(ctx.train_loader, ctx.val_loader), \
+        with preserved_state(model), _PreservedLoaders(ctx.train_loader, val_loader), \
                 torch.enable_grad():
             if self.variant == "paper":
                 with preserved_state(model):  # eval mode only while measuring the start
                     lt0 = self._mean_losses(model, self.heads, ctx.train_loader, branches, device)
-                    lv0 = self._mean_losses(model, self.heads, ctx.val_loader, branches, device)
+                    lv0 = self._mean_losses(model, self.heads, val_loader, branches, device)
             ends = [self._trial(ctx, k, device) for k in branches]
         if self.variant == "paper":
             lt_end = [e[0] for e in ends]
@@ -400,10 +416,10 @@ class GBlending(Regulator):
                                           k, device, released)
             if released and epoch in (0, self.super_epoch - 1):
                 out += [train_sum, self._released_val_sum(trial_model, trial_heads,
-                                                          ctx.val_loader, k, device)]
+                                                          self._val(ctx), k, device)]
         if not released:
             out = [self._mean_losses(trial_model, trial_heads, loader, [k], device)[0]
-                   for loader in (ctx.train_loader, ctx.val_loader)]
+                   for loader in (ctx.train_loader, self._val(ctx))]
         del trial_model, trial_heads, opt
         return out
 
