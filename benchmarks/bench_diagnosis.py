@@ -24,10 +24,12 @@ def _rank(scores: dict[str, float]) -> str:
 
 def run(quick: bool = False) -> list[Table]:
     verdicts = Table(
-        "Diagnosis after joint training (concat head, default encoders, seed 0; probes on the "
-        "training split, linear probe and purity gap against the validation split)",
-        ["dataset", "epochs", "fused val acc", "dominant", "weakest", "agree",
-         "unimodal acc (joint head)", "mean Shapley (paper)", "linear probe (val)"],
+        "Diagnosis after joint training (concat head, default encoders, seed 0; the verdict, "
+        "unimodal accuracy and Shapley on the test split, as `modaldiag diagnose --run`; linear "
+        "probe fit on train and scored on val; purity train vs val)",
+        ["dataset", "epochs", "fused val acc", "verdict (test)", "dominant", "weakest", "reason",
+         "recommended", "agree", "unimodal acc (test, joint head)", "mean Shapley (test, paper)",
+         "linear probe (val)"],
     )
     starvation = Table(
         "Under-optimisation gap: linear probe of the jointly trained encoder vs the same encoder "
@@ -58,11 +60,14 @@ def run(quick: bool = False) -> list[Table]:
                              ", ".join(f"{m} {e}" for m, e in win.peak_growth_epoch.items()),
                              f"![{name}](figures/window-{name}.png)"])
         t0 = time.perf_counter()
-        rep = md.diagnose(model, data.train.loader(512), data.val.loader(512),
-                          reference_epochs=epochs, fisher="per_sample")
+        rep = md.diagnose(model, data.test.loader(512), data.val.loader(512), split="test",
+                          train_loader=data.train.loader(512), reference_epochs=epochs,
+                          fisher="per_sample", history=hist)
         seconds = time.perf_counter() - t0
         ev = {e.probe: e.scores for e in rep.evidence}
-        verdicts.rows.append([name, epochs, hist[-1]["val"]["acc"], rep.dominant, rep.weakest,
+        verdicts.rows.append([name, epochs, hist[-1]["val"]["acc"], rep.verdict,
+                              rep.dominant or "—", rep.weakest or "—", rep.reason,
+                              ", ".join(r["method"] for r in rep.recommendations) or "—",
                               "yes" if rep.agree else "no", _rank(ev["unimodal accuracy"]),
                               _rank(ev["shapley"]), _rank(ev["linear probe"])])
         for m in data.modalities:

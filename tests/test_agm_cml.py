@@ -422,3 +422,29 @@ def test_constraints_are_declared_for_every_argument():
         assert set(inspect.signature(cls).parameters) <= set(cls._parameter_constraints), cls.__name__
     md.AGM(alpha=0.0, end_epoch=None, empty="baseline", clip=1.0, max_exact=2)
     md.CML(lam=0.0, all_pairs=True, permute="epoch", hinge="sum", end_epoch=1)
+
+
+def test_cml_all_pairs_logs_every_link_of_the_lattice():
+    """all_pairs at M = 3: the logged violation rate of modality i is the mean, over every link
+    (S, S minus i) with |S| >= 2 (pairs -> singletons included), of the share of samples whose
+    confidence rises."""
+    from modaldiag.regulators.cml import confidence
+
+    model = make_model(3, "film", seed=4)  # a head whose links violate at different rates
+    x, y = make_inputs(model, batch=16, seed=7), torch.arange(16) % 3
+    ctx = _ctx(model, x, y)
+    reg = md.CML(lam=0.3, all_pairs=True)
+    reg.on_after_forward(ctx)
+    reg.on_train_epoch_end(ctx)
+    logs = reg.collect_logs()
+    mods = model.modalities
+    values = {k: model.head(ctx.features, present=[m for i, m in enumerate(mods) if k >> i & 1])
+              for k in range(1, 8)}
+    seen = []
+    for i, m in enumerate(mods):
+        rates = [float((confidence(values[k & ~(1 << i)]) > confidence(values[k])).float().mean())
+                 for k in range(1, 8) if bin(k).count("1") >= 2 and k >> i & 1]
+        assert len(rates) == 3  # the full set and the two pairs that contain m
+        assert logs["violation_rate"][m] == pytest.approx(sum(rates) / len(rates), abs=1e-6)
+        seen.append(len(set(rates)) > 1)
+    assert any(seen)  # the links' rates differ, so dropping any link changes a logged rate

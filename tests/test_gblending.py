@@ -431,3 +431,34 @@ def test_wrapped_model_without_feature_dims_sizes_the_heads_from_a_batch(duo):
     assert {m: lin.weight.shape for m, lin in reg.heads.items()} == {
         "a": torch.Size([3, 4]), "b": torch.Size([3, 3])}
     assert len(reg.estimates) == 2 and "w_fused" in hist[-1]["regulator"]
+
+
+def test_weights_refuse_branch_lists_of_different_lengths():
+    from modaldiag.regulators.gblending import gblending_weights
+
+    ok = [1.0, 1.2, 1.0], [0.9, 1.1, 0.9], [0.8, 1.1, 0.7], [0.5, 0.9, 0.3]
+    assert len(gblending_weights(*ok)[0]) == 3
+    with pytest.raises(ValueError):
+        gblending_weights([1.0, 1.2, 1.0], [0.9, 1.1], [0.8, 1.1, 0.7], [0.5, 0.9, 0.3])
+    with pytest.raises(ValueError):
+        gblending_weights([], [], [], [])
+
+
+def test_trial_optimizer_copies_each_group_hyperparameters_not_the_defaults(duo):
+    """A scheduler (or the user) changes a group's lr away from the optimizer's defaults: the
+    trial copy keeps the live group's value."""
+    model = _model(duo)
+    opt = torch.optim.SGD([{"params": list(model.encoders.parameters()), "lr": 0.05},
+                           {"params": list(model.fusion.parameters())}], lr=0.1, momentum=0.9)
+    opt.param_groups[1]["lr"] = 0.02  # e.g. after a scheduler step
+    memo: dict = {}
+    import copy as _copy
+    _copy.deepcopy(model, memo)
+    trial = md.GBlending()._trial_optimizer(opt, memo)
+    assert [g["lr"] for g in trial.param_groups] == [0.05, 0.02]
+    assert all(g["momentum"] == 0.9 for g in trial.param_groups)
+    # released: a fresh optimizer at each group's *initial* lr (set by a scheduler), not defaults
+    opt.param_groups[0]["initial_lr"], opt.param_groups[1]["initial_lr"] = 0.04, 0.03
+    trial = md.GBlending(variant="released", super_epoch=2)._trial_optimizer(opt, memo)
+    assert [g["lr"] for g in trial.param_groups] == [0.04, 0.03]
+    assert not trial.state

@@ -516,3 +516,11 @@ def test_pmr_entropy_term_and_unseen_classes_stay_finite():
     ctx = _pmr_ctx({"m0": f0, "m1": f1}, torch.tensor([0, 1]), model, epoch=10)
     reg.on_after_forward(ctx)  # per_end_epoch = 10: off
     assert not any(k.startswith("pmr/entropy") for k in ctx.losses)
+
+
+def test_released_window_may_be_a_single_inclusive_epoch():
+    """Released: the window [start_epoch, end_epoch] includes its end, so start == end is one
+    regulated epoch (accepted); end < start is refused."""
+    md.PMR(variant="released", start_epoch=3, end_epoch=3)
+    with pytest.raises(ValueError, match="end_epoch"):
+        md.PMR(variant="released", start_epoch=3, end_epoch=2)

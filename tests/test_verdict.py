@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 
@@ -378,3 +379,14 @@ def test_diagnose_reads_the_window_from_the_training_history(strong_weak):
     assert md.diagnose(model, data.test.loader(256), fisher=None).config["window"] is None
     with pytest.raises(ValueError, match="history"):
         md.diagnose(model, data.test.loader(256), history={"epochs": []})
+
+
+def test_too_few_samples_reason_states_the_interval_half_width():
+    hits, phi = _case(200, 0.70, 0.66)  # a 4-point lead on 200 samples: interval too wide
+    intervals = _intervals(hits, phi)
+    v = decide(intervals, ["a", "b"], n=200)
+    shown = float(re.search(r"is ±(\d+\.\d+)", v.reason).group(1))
+    probe = next(p for p in intervals.values()
+                 if f"the {p.probe} lead" in v.reason)
+    _, low, high = probe.difference("a", "b")
+    assert shown == pytest.approx((high - low) / 2, abs=6e-4) and shown > probe.margin
