@@ -134,3 +134,18 @@ def test_learning_windows_share_axes_one_line_per_run():
     plt.close(fig)
     with pytest.raises(ValueError, match="monitor=True"):
         plots.learning_windows({"x": _history(None)})
+
+
+def test_never_replaces_files_in_a_folder_modaldiag_did_not_create(tmp_path):
+    base = _run(tmp_path, "joint training", 0.9, 0.3, 0.85)
+    other = _run(tmp_path, "InfoReg", 0.8, 0.5, 0.8, method="inforeg")
+    mine = tmp_path / "my-notes"
+    mine.mkdir()
+    (mine / "report.html").write_text("my own report")
+    with pytest.raises(ValueError, match=r"already holds \['report.html'\].*nothing was overwritten"):
+        write_comparison([base, other], mine)
+    assert (mine / "report.html").read_text() == "my own report"
+    assert sorted(p.name for p in mine.iterdir()) == ["report.html"]
+    (mine / "report.html").unlink()  # an empty foreign folder is fine: nothing to replace
+    write_comparison([base, other], mine)
+    assert (mine / "comparison.csv").is_file()

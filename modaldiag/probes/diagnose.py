@@ -36,7 +36,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..utils.io import atomic_write_json, atomic_write_text, read_marker, write_marker
+from ..utils.io import (
+    atomic_write_json,
+    atomic_write_text,
+    read_marker,
+    refuse_foreign_overwrite,
+    write_marker,
+)
 from ..utils.progress import progress_bar
 from ..utils.validation import (
     BOOL,
@@ -338,13 +344,7 @@ class Diagnosis:
         Each file is written atomically (temp file + rename); each figure is drawn once.
         """
         directory = Path(directory)
-        if read_marker(directory) is None:
-            clash = sorted(p.name for p in directory.glob("*") if p.name in _REPORT_FILES)
-            if clash:
-                raise ValueError(
-                    f"{str(directory)!r} already holds {clash} and modaldiag did not create that "
-                    "folder (no .modaldiag marker); nothing was overwritten. Save into a new or "
-                    "empty folder.")
+        refuse_foreign_overwrite(directory, _REPORT_FILES)
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_json(directory / "diagnosis.json", self.to_dict())
         atomic_write_text(directory / "diagnosis.csv", self.to_frame().to_csv(index=False))

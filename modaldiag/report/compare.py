@@ -18,7 +18,7 @@ import pandas as pd
 
 from ..probes.diagnose import Diagnosis
 from ..probes.window import learning_window as detect_window
-from ..utils.io import atomic_write_json, atomic_write_text
+from ..utils.io import atomic_write_json, atomic_write_text, refuse_foreign_overwrite
 from . import plots
 from .html import Section, Table, figure_to_data_uri, render_page
 
@@ -27,7 +27,10 @@ __all__ = ["write_comparison", "comparison_summary", "comparison_frame", "saved_
 
 NOISE_POINTS = 1.0  # differences below this many points are called within seed-to-seed noise
 SPLIT = "test"  # the split of every accuracy compared
-
+#: the files write_comparison writes (it refuses to replace them in a folder it did not create)
+COMPARISON_FILES = ("report.html", "comparison.json", "comparison.csv",
+                    *(f"{stem}.{ext}" for stem in ("compare", "learning_windows")
+                      for ext in ("png", "svg")))
 
 def _open_epochs(history) -> dict[str, list[int]]:
     try:
@@ -281,6 +284,7 @@ def write_comparison(runs, out, *, diagnoses: dict | None = None,
         The summary (every modality's change in test accuracy against the first run).
     """
     out = Path(out)
+    refuse_foreign_overwrite(out, COMPARISON_FILES)
     out.mkdir(parents=True, exist_ok=True)
     paths = [Path(p) for p in paths] if paths is not None else [Path(r.path) for r in runs]
     if len(paths) != len(runs):

@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
            "safe_torch_load", "MARKER", "MIN_FREE_BYTES", "write_marker", "read_marker",
            "folder_state", "check_output_dir", "recover", "discard_folder", "DirectoryLock",
-           "atomic_directory"]
+           "atomic_directory", "refuse_foreign_overwrite"]
 
 #: the file that says "modaldiag made this folder" (JSON: tool, kind, version, created, command, pid)
 MARKER = ".modaldiag"
@@ -140,6 +140,21 @@ def read_marker(folder: str | os.PathLike) -> dict | None:
             record.get("kind"), str):
         return record
     return None
+
+
+def refuse_foreign_overwrite(folder: str | os.PathLike, names: Iterable[str]) -> None:
+    """Refuse (ValueError, before any work) to write files ``names`` into an existing folder that
+    modaldiag did not create (no marker) and that already holds any of them: a writer may then
+    replace only files in folders it made."""
+    folder = Path(folder)
+    if read_marker(folder) is not None or not folder.is_dir():
+        return
+    wanted = set(names)
+    clash = sorted(p.name for p in folder.iterdir() if p.name in wanted)
+    if clash:
+        raise ValueError(
+            f"{str(folder)!r} already holds {clash} and modaldiag did not create that folder (no "
+            f"{MARKER} marker); nothing was overwritten. Write into a new or empty folder.")
 
 
 def folder_state(path: str | os.PathLike) -> str:
