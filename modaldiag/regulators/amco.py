@@ -64,8 +64,8 @@ from .base import (
     check_epoch_range,
     check_released_head,
     released_unimodal_logits,
+    seeded_linear,
 )
-from .mmpareto import _seeded_linear
 
 __all__ = ["AMCo", "amco_schedule", "joint_softmax_mass"]
 
@@ -119,6 +119,7 @@ class AMCo(Regulator):
         ``head_loss=False``.
     """
 
+    owned_group_key = A_GROUP_KEY
     _parameter_constraints = {"sigma": [Interval(0, 1, closed="neither")], "eps": [POSITIVE],
                               "mask_target": [Options("logits", "features")],
                               "head_loss": [BOOL, None], "start_epoch": [NON_NEGATIVE_INT],
@@ -182,30 +183,7 @@ class AMCo(Regulator):
         device = ref.device if ref is not None else None
         dtype = ref.dtype if ref is not None else torch.get_default_dtype()
         c = int(model.num_classes)
-        self.fusion = _seeded_linear(c, c, torch.Generator().manual_seed(self.seed), device, dtype)
-
-    def register_parameters(self, optimizer) -> None:
-        """Add A to ``optimizer`` as one parameter group with the first group's hyperparameters
-        (a no-op when it is already there). A group left by an earlier run is removed first.
-        Call it before ``optimizer.load_state_dict`` when resuming a plain loop (after
-        :meth:`load_state_dict`)."""
-        params = self.owned_parameters()
-        if optimizer is None or not params:
-            return
-        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        if all(id(p) in held for p in params):
-            return
-        keep = []
-        for g in optimizer.param_groups:
-            if g.get(A_GROUP_KEY):
-                for p in g["params"]:
-                    optimizer.state.pop(p, None)
-            else:
-                keep.append(g)
-        optimizer.param_groups[:] = keep
-        base = {k: (v.clone() if isinstance(v, torch.Tensor) else v)
-                for k, v in optimizer.param_groups[0].items() if k != "params"}
-        optimizer.add_param_group({**base, "params": params, A_GROUP_KEY: True})
+        self.fusion = seeded_linear(c, c, torch.Generator().manual_seed(self.seed), device, dtype)
 
     def on_fit_start(self, ctx) -> None:
         if self.variant == "released":

@@ -13,19 +13,22 @@ A regulator is a :class:`~modaldiag.training.Callback` with a few helpers:
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..models.fusion import ConcatFusion, LateFusion
 from ..training.callbacks import Callback, check_composition
-from ..utils.distributed import all_reduce_sum
+from ..utils.distributed import all_reduce_sum, world_size
 from ..utils.validation import NON_NEGATIVE_INT, POSITIVE_INT, validate_params
 
 __all__ = ["Regulator", "all_reduce_sum", "check_composition", "encoder_parameters",
            "squared_norm", "true_class_prob_sums", "SEED", "EPOCH_END", "check_epoch_range",
-           "check_released_head", "released_unimodal_logits", "released_score_sums"]
+           "check_released_head", "released_unimodal_logits", "released_score_sums",
+           "seeded_linear", "average_over_ranks"]
 
 #: a generator seed: a non-negative integer
 SEED = NON_NEGATIVE_INT
@@ -104,6 +107,33 @@ def released_score_sums(model, features, labels) -> torch.Tensor:
 
 
 
+def seeded_linear(d: int, c: int, gen: torch.Generator, device, dtype) -> nn.Linear:
+    """``nn.Linear(d, c)`` with ``nn.Linear``'s default init law (weight and bias uniform in
+    ``+-1/sqrt(d)``) drawn from ``gen`` in float64 on the CPU (device-independent), without
+    touching the global RNG."""
+    lin = nn.utils.skip_init(nn.Linear, d, c, device=device, dtype=dtype)
+    bound = 1.0 / math.sqrt(d)
+    with torch.no_grad():
+        w = (torch.rand(c, d, generator=gen, dtype=torch.float64) * 2 - 1) * bound
+        b = (torch.rand(c, generator=gen, dtype=torch.float64) * 2 - 1) * bound
+        lin.weight.copy_(w)
+        lin.bias.copy_(b)
+    return lin
+
+
+def average_over_ranks(tensors: list[torch.Tensor]) -> None:
+    """Average gradients over DDP ranks in one flat all-reduce (no-op in a single process)."""
+    world = world_size()
+    if world == 1:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    all_reduce_sum(flat).div_(world)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 class Regulator(Callback):
     """Base class of InfoReg, Relearning, OGM, OPM, MMPareto and ValuationResampling.
 
@@ -122,6 +152,38 @@ class Regulator(Callback):
     def __init__(self):
         self._restored = False
         self.reset()
+
+    #: marks the optimizer parameter group of :meth:`owned_parameters` (one per regulator type)
+    owned_group_key: str | None = None
+
+    def owned_parameters(self) -> list[nn.Parameter]:
+        """Parameters the regulator owns (separate heads, maps): none unless a subclass has them."""
+        return []
+
+    def register_parameters(self, optimizer) -> None:
+        """Add :meth:`owned_parameters` to ``optimizer`` as one parameter group with the first
+        group's hyperparameters, marked by :attr:`owned_group_key` (a no-op when they are already
+        in it, or when there are none). A group left by an earlier run of this regulator type is
+        removed first. Resuming a plain loop: :meth:`load_state_dict`, then this, then
+        ``optimizer.load_state_dict``."""
+        params = self.owned_parameters()
+        if optimizer is None or not params:
+            return
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if all(id(p) in held for p in params):
+            return
+        key = self.owned_group_key or f"modaldiag_{type(self).__name__.lower()}"
+        keep = []
+        for g in optimizer.param_groups:
+            if g.get(key):
+                for p in g["params"]:
+                    optimizer.state.pop(p, None)
+            else:
+                keep.append(g)
+        optimizer.param_groups[:] = keep
+        hyper = {k: (v.clone() if isinstance(v, torch.Tensor) else v)
+                 for k, v in optimizer.param_groups[0].items() if k != "params"}
+        optimizer.add_param_group({**hyper, "params": params, key: True})
 
     def _validate(self, **params) -> None:
         """Check constructor arguments against ``_parameter_constraints`` (ValueError/TypeError)."""

@@ -38,8 +38,7 @@ from torch import nn
 from ..utils.distributed import all_reduce_sum, world_size
 from ..utils.torch_utils import module_device, preserved_state, to_device
 from ..utils.validation import POSITIVE_INT, Options, Satisfies, as_plain_int, unpack_batch
-from .base import SEED, Regulator
-from .mmpareto import _average_over_ranks, _seeded_linear
+from .base import SEED, Regulator, average_over_ranks, seeded_linear
 
 __all__ = ["GBlending", "gblending_weights"]
 
@@ -144,6 +143,7 @@ class GBlending(Regulator):
     """
 
     conflicts = ("MMPareto",)
+    owned_group_key = HEADS_GROUP_KEY
     _parameter_constraints = {"super_epoch": [POSITIVE_INT],
                               "variant": [Options("paper", "released")],
                               "heads": [None, Options("separate", "shared")],
@@ -193,31 +193,8 @@ class GBlending(Regulator):
         device = ref.device if ref is not None else None
         dtype = ref.dtype if ref is not None else torch.get_default_dtype()
         gen = torch.Generator().manual_seed(self.seed)
-        self.heads = {m: _seeded_linear(int(dims[m]), int(model.num_classes), gen, device, dtype)
+        self.heads = {m: seeded_linear(int(dims[m]), int(model.num_classes), gen, device, dtype)
                       for m in model.modalities}
-
-    def register_parameters(self, optimizer) -> None:
-        """Add the separate heads to ``optimizer`` as one parameter group with the first group's
-        hyperparameters (no-op when already there, or with shared heads); a group left by an
-        earlier run of GBlending is replaced. Resuming a plain loop: ``load_state_dict``, then
-        this, then ``optimizer.load_state_dict``."""
-        params = self.owned_parameters()
-        if optimizer is None or not params:
-            return
-        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        if all(id(p) in held for p in params):
-            return
-        keep = []
-        for g in optimizer.param_groups:
-            if g.get(HEADS_GROUP_KEY):
-                for p in g["params"]:
-                    optimizer.state.pop(p, None)
-            else:
-                keep.append(g)
-        optimizer.param_groups[:] = keep
-        base = {k: (v.clone() if isinstance(v, torch.Tensor) else v)
-                for k, v in optimizer.param_groups[0].items() if k != "params"}
-        optimizer.add_param_group({**base, "params": params, HEADS_GROUP_KEY: True})
 
     # ------------------------------------------------------------ run hooks
     def _val(self, ctx):
@@ -272,7 +249,7 @@ class GBlending(Regulator):
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        _average_over_ranks([p.grad for p in params])
+        average_over_ranks([p.grad for p in params])
 
     def _size_heads(self, ctx) -> None:
         """Create the separate heads from one training batch's feature sizes (a model without
@@ -438,7 +415,7 @@ class GBlending(Regulator):
                 continue
             loss.backward()
             if distributed:  # the same parameters get gradients on every rank (same branch)
-                _average_over_ranks([p.grad for p in params if p.grad is not None])
+                average_over_ranks([p.grad for p in params if p.grad is not None])
             opt.step()
             total += loss.detach().double()
         return float(all_reduce_sum(total))

@@ -157,6 +157,7 @@ class MMCosine(Regulator):
     group joins it at ``on_fit_start``).
     """
 
+    owned_group_key = WEIGHTS_GROUP_KEY
     _parameter_constraints = {"lam": [NON_NEGATIVE], "temperature": [POSITIVE],
                               "form": [Options("auto", "head", "auxiliary")],
                               "scale": [None, POSITIVE], "weight": [None, POSITIVE],
@@ -245,29 +246,6 @@ class MMCosine(Regulator):
             w = (torch.rand(int(num_classes), d, generator=gen, dtype=torch.float64) * 2 - 1)
             weights[m] = nn.Parameter((w / math.sqrt(d)).to(device=device, dtype=dtype))
         self.weights = weights
-
-    def register_parameters(self, optimizer) -> None:
-        """Add the auxiliary ``W_m`` to ``optimizer`` as one parameter group with the first
-        group's hyperparameters (a no-op when they are already in it, or in the head form). A
-        group left by an earlier run is removed first. Call it before
-        ``optimizer.load_state_dict`` when resuming a plain loop (after :meth:`load_state_dict`)."""
-        params = self.owned_parameters()
-        if optimizer is None or not params:
-            return
-        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        if all(id(p) in held for p in params):
-            return
-        keep = []
-        for g in optimizer.param_groups:
-            if g.get(WEIGHTS_GROUP_KEY):
-                for p in g["params"]:
-                    optimizer.state.pop(p, None)
-            else:
-                keep.append(g)
-        optimizer.param_groups[:] = keep
-        base = {k: (v.clone() if isinstance(v, torch.Tensor) else v)
-                for k, v in optimizer.param_groups[0].items() if k != "params"}
-        optimizer.add_param_group({**base, "params": params, WEIGHTS_GROUP_KEY: True})
 
     # ------------------------------------------------------------ hooks
     def on_fit_start(self, ctx) -> None:

@@ -40,15 +40,12 @@ combination from the same numbers and the replicas stay identical.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..utils.distributed import all_reduce_sum, world_size
 from ..utils.validation import POSITIVE, Options, as_plain_int
-from .base import SEED, Regulator
+from .base import SEED, Regulator, average_over_ranks, seeded_linear
 
 __all__ = ["MMPareto", "pareto_combine"]
 
@@ -94,33 +91,6 @@ def pareto_combine(g_mm: torch.Tensor, g_u: torch.Tensor, gamma: float = 1.5
 HEADS_GROUP_KEY = "modaldiag_mmpareto_unimodal_heads"
 
 
-def _seeded_linear(d: int, c: int, gen: torch.Generator, device, dtype) -> nn.Linear:
-    """``nn.Linear(d, c)`` with ``nn.Linear``'s default init law (weight and bias uniform in
-    ``+-1/sqrt(d)``) drawn from ``gen`` in float64 on the CPU (device-independent), without
-    touching the global RNG."""
-    lin = nn.utils.skip_init(nn.Linear, d, c, device=device, dtype=dtype)
-    bound = 1.0 / math.sqrt(d)
-    with torch.no_grad():
-        w = (torch.rand(c, d, generator=gen, dtype=torch.float64) * 2 - 1) * bound
-        b = (torch.rand(c, generator=gen, dtype=torch.float64) * 2 - 1) * bound
-        lin.weight.copy_(w)
-        lin.bias.copy_(b)
-    return lin
-
-
-def _average_over_ranks(tensors: list[torch.Tensor]) -> None:
-    """Average gradients over DDP ranks in one flat all-reduce (no-op in a single process)."""
-    world = world_size()
-    if world == 1:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    all_reduce_sum(flat).div_(world)
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
-
-
 class MMPareto(Regulator):
     """MMPareto regulator (owns the backward pass).
 
@@ -150,6 +120,7 @@ class MMPareto(Regulator):
 
     needs_unimodal_logits = True
     conflicts = ("OGM",)
+    owned_group_key = HEADS_GROUP_KEY
     _parameter_constraints = {"gamma": [POSITIVE], "variant": [Options("paper", "released")],
                               "rescale": [None, Options("encoder", "tensor")],
                               "unimodal_heads": [None, Options("shared", "separate")],
@@ -196,31 +167,8 @@ class MMPareto(Regulator):
         device = ref.device if ref is not None else None
         dtype = ref.dtype if ref is not None else torch.get_default_dtype()
         gen = torch.Generator().manual_seed(self.seed)
-        self.heads = {m: _seeded_linear(int(dims[m]), int(model.num_classes), gen, device, dtype)
+        self.heads = {m: seeded_linear(int(dims[m]), int(model.num_classes), gen, device, dtype)
                       for m in model.modalities}
-
-    def register_parameters(self, optimizer) -> None:
-        """Add the separate heads to ``optimizer`` as one parameter group with the first group's
-        hyperparameters (a no-op when they are already in it, or with shared heads). A group
-        left by an earlier run of this regulator type is removed first. Call it before
-        ``optimizer.load_state_dict`` when resuming a plain loop (after :meth:`load_state_dict`)."""
-        params = self.owned_parameters()
-        if optimizer is None or not params:
-            return
-        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        if all(id(p) in held for p in params):
-            return
-        keep = []
-        for g in optimizer.param_groups:
-            if g.get(HEADS_GROUP_KEY):
-                for p in g["params"]:
-                    optimizer.state.pop(p, None)
-            else:
-                keep.append(g)
-        optimizer.param_groups[:] = keep
-        base = {k: (v.clone() if isinstance(v, torch.Tensor) else v)
-                for k, v in optimizer.param_groups[0].items() if k != "params"}
-        optimizer.add_param_group({**base, "params": params, HEADS_GROUP_KEY: True})
 
     def on_fit_start(self, ctx) -> None:
         super().on_fit_start(ctx)
@@ -320,7 +268,7 @@ class MMPareto(Regulator):
 
         g_mm = grads(loss_mm, retain=True)
         g_u = grads(loss_u, retain=retain_graph)
-        _average_over_ranks(g_mm + g_u)
+        average_over_ranks(g_mm + g_u)
         i = 0
         out = {}
         weights, cosines = {}, {}
