@@ -96,6 +96,13 @@ PROBES = {
         model, _loader(), _loader(), epochs=1),
     "diagnose": lambda model, tmp: md.diagnose(model, _loader(), _loader(), fisher="batch",
                                                reference_epochs=1),
+    "diagnose-held-out-with-history": lambda model, tmp: md.diagnose(
+        model, _loader(), _loader(), split="test", train_loader=_loader(), fisher="batch",
+        history=md.History(("a", "b"), epochs=[{"epoch": t, "fisher": {"a": v, "b": v}}
+                                               for t, v in enumerate([1.0, 2.0, 2.1, 2.1])]),
+        progress=True),
+    "combine": lambda model, tmp: md.probes.combine(
+        [md.diagnose(model, _loader(), fisher=None, seed=s) for s in (0, 1)]),
     "fisher-per_sample-auto": _fisher(),
     "fisher-per_sample-hooks": _fisher(engine="hooks"),
     "fisher-per_sample-vmap": _fisher(engine="vmap"),
