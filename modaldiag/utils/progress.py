@@ -49,15 +49,12 @@ def _plural(unit: str, n: int) -> str:
     return unit + ("es" if unit.endswith(("ch", "sh", "s", "x")) else "s")
 
 
-class _PlainProgress:
-    """The non-terminal stand-in: counts, and prints one line when closed."""
+class _NoProgress:
+    """The silent bar (``enabled=False``): counts, prints nothing; the tqdm methods callers use."""
 
-    def __init__(self, iterable: Iterable | None, *, desc: str, total: int | None, unit: str,
-                 initial: int = 0):
-        self.iterable, self.desc, self.total, self.unit = iterable, desc, total, unit
+    def __init__(self, iterable: Iterable | None, initial: int = 0):
+        self.iterable = iterable
         self.n = initial
-        self._start = time.perf_counter()
-        self._closed = False
 
     def __iter__(self) -> Iterator:
         try:
@@ -74,6 +71,29 @@ class _PlainProgress:
         pass
 
     def set_description(self, desc: str, refresh: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _PlainProgress(_NoProgress):
+    """The non-terminal stand-in: counts, and prints one line when closed (phases of at least
+    :data:`PLAIN_MIN_SECONDS`)."""
+
+    def __init__(self, iterable: Iterable | None, *, desc: str, unit: str, initial: int = 0):
+        super().__init__(iterable, initial)
+        self.desc, self.unit = desc, unit
+        self._start = time.perf_counter()
+        self._closed = False
+
+    def set_description(self, desc: str, refresh: bool = True) -> None:
         self.desc = desc
 
     def close(self) -> None:
@@ -85,41 +105,6 @@ class _PlainProgress:
             return
         print(f"modaldiag: {self.desc}: {self.n} {_plural(self.unit, self.n)} in {took:.1f} s",
               file=sys.stderr, flush=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class _NoProgress:
-    def __init__(self, iterable: Iterable | None, initial: int = 0):
-        self.iterable = iterable
-        self.n = initial
-
-    def __iter__(self) -> Iterator:
-        for item in self.iterable:
-            yield item
-            self.n += 1
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-
-    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def set_description(self, desc: str, refresh: bool = True) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
 
 
 def progress_bar(iterable: Iterable | None = None, *, enabled: bool, desc: str,
@@ -144,9 +129,9 @@ def progress_bar(iterable: Iterable | None = None, *, enabled: bool, desc: str,
     """
     if not enabled:
         return _NoProgress(iterable, initial)
+    if not is_interactive():
+        return _PlainProgress(iterable, desc=desc, unit=unit, initial=initial)
     if total is None and iterable is not None:
         total = length_or_none(iterable)
-    if not is_interactive():
-        return _PlainProgress(iterable, desc=desc, total=total, unit=unit, initial=initial)
     return tqdm(iterable, desc=desc, total=total, unit=unit, initial=initial, leave=leave,
                 dynamic_ncols=True)
