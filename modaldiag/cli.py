@@ -18,7 +18,6 @@ Every command takes ``--threads N`` and ``--quiet``. See docs/cli.md.
 from __future__ import annotations
 
 import argparse
-import difflib
 import errno
 import math
 import shlex
@@ -57,10 +56,12 @@ def _choice(choices, what: str):
     """An argparse type accepting one of ``choices``; a typo gets "did you mean" (difflib)."""
 
     def parse(text: str) -> str:
+        from .utils.validation import closest_match
+
         if text in choices:
             return text
-        close = difflib.get_close_matches(text, list(choices), n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        close = closest_match(text, choices)
+        hint = f"; did you mean {close!r}?" if close else ""
         raise argparse.ArgumentTypeError(
             f"unknown {what} {text!r}{hint} (choose from {', '.join(choices)})")
 

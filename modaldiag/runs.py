@@ -15,7 +15,6 @@ default one or the user's (``--model`` spec, a function of the splits). The spec
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.util
 import inspect
@@ -69,6 +68,7 @@ from .utils.validation import (
     POSITIVE_INT,
     InstanceOf,
     Options,
+    closest_match,
     unpack_batch,
     validate_params,
 )
@@ -253,8 +253,8 @@ def load_function(spec: str, option: str = "--data", *, search: Sequence[str] = 
         where = module_part
     if not hasattr(module, func):
         names = [n for n in vars(module) if not n.startswith("_") and callable(vars(module)[n])]
-        close = difflib.get_close_matches(func, names, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else (
+        close = closest_match(func, names)
+        hint = f"; did you mean {close!r}?" if close else (
             f"; its functions: {sorted(names)}" if names else ".")
         raise _spec_error(option, spec, f"{where} has no function {func!r}{hint}")
     fn = getattr(module, func)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import difflib
 from importlib import resources
 
 import numpy as np
 
-from ..utils.validation import NON_NEGATIVE_INT, as_plain_int, validate_params
+from ..utils.validation import NON_NEGATIVE_INT, as_plain_int, closest_match, validate_params
 from .base import DatasetSplits, MultimodalDataset, standardize, stratified_split
 
 __all__ = ["load", "available", "MFEAT_VIEWS"]
@@ -80,8 +79,8 @@ def load(name: str, *, seed: int = 0) -> DatasetSplits:
 
 def _did_you_mean(word: str, choices) -> str:
     """``"; did you mean 'x'? "`` for the closest of ``choices`` (difflib), else ``"; "``."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}? " if close else "; "
+    close = closest_match(word, choices)
+    return f"; did you mean {close!r}? " if close else "; "
 
 
 def _splits_from_arrays(name, arrays, y, parts, *, channel_axis=None, class_names=None, family):

@@ -6,6 +6,7 @@ that says what was expected, what was given, and what to do about it.
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
@@ -13,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 __all__ = [
+    "closest_match",
     "check_modality_names",
     "check_inputs",
     "check_labels",
@@ -39,6 +41,13 @@ __all__ = [
 
 _FORBIDDEN_CHARS = ".\n\r\t"
 
+
+
+def closest_match(word: str, choices: Iterable[str]) -> str | None:
+    """The choice closest to a mistyped ``word`` (difflib ratio >= 0.6), for "did you mean"
+    hints; None when nothing is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return close[0] if close else None
 
 def check_modality_names(names: Iterable[str], *, what: str = "modality names") -> tuple[str, ...]:
     """Return ``names`` as a tuple after checking there are >= 2 unique, usable strings.
