@@ -56,7 +56,15 @@ from ..utils.validation import (
     Options,
     as_plain_int,
 )
-from .base import EPOCH_END, SEED, Regulator, all_reduce_sum, check_epoch_range
+from .base import (
+    EPOCH_END,
+    SEED,
+    Regulator,
+    all_reduce_sum,
+    check_epoch_range,
+    head_dtype,
+    masks_tensor,
+)
 
 __all__ = ["AGM", "agm_coefficients", "shapley_matrix", "shapley_outputs"]
 
@@ -144,19 +152,6 @@ def shapley_outputs(values: dict[int, torch.Tensor], matrix: torch.Tensor,
             acc = term if acc is None else acc + term
         out[name] = acc
     return out
-
-
-def _masks_tensor(masks: list[int], m: int, device) -> torch.Tensor:
-    return torch.tensor([[(k >> i) & 1 for i in range(m)] for k in masks], dtype=torch.bool,
-                        device=device)
-
-
-def _head_dtype(model, ref: torch.Tensor) -> torch.dtype:
-    """The dtype the head computes in outside autocast (its first floating parameter's)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return ref.dtype
 
 
 class AGM(Regulator):
@@ -281,11 +276,11 @@ class AGM(Regulator):
         matrix = self._matrix(m, ctx)
         used = [k for k in range(1, full) if bool(matrix[:, k].ne(0).any())]
         first = ctx.features[mods[0]]
-        dtype = _head_dtype(model, first)
+        dtype = head_dtype(model, first)
         feats = {k: (f if f.dtype == dtype else f.to(dtype)) for k, f in ctx.features.items()}
         values: dict[int, torch.Tensor] = {full: ctx.logits.to(dtype)}
         if used:
-            out = model.head_coalitions(feats, _masks_tensor(used, m, first.device))
+            out = model.head_coalitions(feats, masks_tensor(used, m, first.device))
             values.update({k: out[j] for j, k in enumerate(used)})
         self._empty_value = None
         if self.empty == "baseline" and self.variant == "paper":

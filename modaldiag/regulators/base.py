@@ -28,7 +28,8 @@ from ..utils.validation import NON_NEGATIVE_INT, POSITIVE_INT, validate_params
 __all__ = ["Regulator", "all_reduce_sum", "check_composition", "encoder_parameters",
            "squared_norm", "true_class_prob_sums", "SEED", "EPOCH_END", "check_epoch_range",
            "check_released_head", "released_unimodal_logits", "released_score_sums",
-           "seeded_linear", "average_over_ranks"]
+           "seeded_linear", "average_over_ranks", "wide", "EpochMeans", "masks_tensor",
+           "head_dtype"]
 
 #: a generator seed: a non-negative integer
 SEED = NON_NEGATIVE_INT
@@ -132,6 +133,57 @@ def average_over_ranks(tensors: list[torch.Tensor]) -> None:
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def masks_tensor(masks: list[int], m: int, device) -> torch.Tensor:
+    """``(K, m)`` bool presence masks of coalitions given as bit sets (bit i: modality i)."""
+    return torch.tensor([[(k >> i) & 1 for i in range(m)] for k in masks], dtype=torch.bool,
+                        device=device)
+
+
+def head_dtype(model, ref: torch.Tensor) -> torch.dtype:
+    """The dtype the head computes in outside autocast (its first floating parameter's)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return ref.dtype
+
+
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in at least float32 (float64 stays float64; half/bfloat16 are widened)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+class EpochMeans:
+    """Per-epoch sample means of logged statistics, summed over DDP ranks once per epoch.
+
+    ``add(key, name, total, count)`` accumulates a local sum and its sample count; ``reduce()``
+    sums every accumulator over ranks in ONE all-reduce (keys are created in the same order on
+    every rank, since every rank runs the same steps) and returns ``{key: {name: mean}}``.
+    """
+
+    def __init__(self):
+        self.sums: dict[tuple[str, str], list[float]] = {}
+
+    def add(self, key: str, name: str, total: float, count: float) -> None:
+        acc = self.sums.setdefault((key, name), [0.0, 0.0])
+        acc[0] += float(total)
+        acc[1] += float(count)
+
+    def reduce(self, device=None) -> dict[str, dict[str, float]]:
+        if not self.sums:
+            return {}
+        keys = sorted(self.sums)
+        flat = torch.tensor([v for k in keys for v in self.sums[k]], dtype=torch.float64,
+                            device=device)
+        flat = all_reduce_sum(flat).cpu()
+        out: dict[str, dict[str, float]] = defaultdict(dict)
+        for i, (key, name) in enumerate(keys):
+            total, count = float(flat[2 * i]), float(flat[2 * i + 1])
+            out[key][name] = total / count if count else 0.0
+        self.sums = {}
+        return dict(out)
+
 
 
 class Regulator(Callback):

@@ -34,8 +34,15 @@ import torch
 import torch.nn.functional as F
 
 from ..utils.validation import BOOL, NON_NEGATIVE, NON_NEGATIVE_INT, Options, as_plain_int
-from .agm import _head_dtype, _masks_tensor
-from .base import EPOCH_END, SEED, Regulator, all_reduce_sum, check_epoch_range
+from .base import (
+    EPOCH_END,
+    SEED,
+    Regulator,
+    all_reduce_sum,
+    check_epoch_range,
+    head_dtype,
+    masks_tensor,
+)
 
 __all__ = ["CML", "cml_chain_loss", "cml_all_pairs_loss", "confidence"]
 
@@ -190,9 +197,9 @@ class CML(Regulator):
             masks = chain[1:]
             links = [(chain[k - 1], chain[k], order[k - 1]) for k in range(1, m)]
         first = ctx.features[mods[0]]
-        dtype = _head_dtype(model, first)
+        dtype = head_dtype(model, first)
         feats = {k: (f if f.dtype == dtype else f.to(dtype)) for k, f in ctx.features.items()}
-        out = model.head_coalitions(feats, _masks_tensor(masks, m, first.device))
+        out = model.head_coalitions(feats, masks_tensor(masks, m, first.device))
         values = {full: ctx.logits.to(dtype)}
         values.update({k: out[j] for j, k in enumerate(masks)})
         labels = ctx.labels

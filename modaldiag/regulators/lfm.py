@@ -72,8 +72,14 @@ from ..utils.validation import (
     Satisfies,
     unpack_batch,
 )
-from .base import Regulator, all_reduce_sum, check_released_head, released_unimodal_logits
-from .mbsd import EpochMeans, wide
+from .base import (
+    EpochMeans,
+    Regulator,
+    all_reduce_sum,
+    check_released_head,
+    released_unimodal_logits,
+    wide,
+)
 
 __all__ = ["LFM", "lfm_alignment", "lfm_fitted_alpha", "FITTED_COEFFICIENTS"]
 

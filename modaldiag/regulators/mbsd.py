@@ -36,7 +36,6 @@ Logged per epoch (sample means over all DDP ranks): ``gate``, ``rs``, ``kd``, ``
 
 from __future__ import annotations
 
-from collections import defaultdict
 from itertools import combinations
 
 import torch
@@ -45,50 +44,15 @@ import torch.nn.functional as F
 from ..utils.validation import NON_NEGATIVE_INT, Options, as_plain_int
 from .base import (
     EPOCH_END,
+    EpochMeans,
     Regulator,
-    all_reduce_sum,
     check_epoch_range,
     check_released_head,
     released_unimodal_logits,
+    wide,
 )
 
 __all__ = ["MBSD", "mbsd_pair_terms", "EpochMeans"]
-
-
-def wide(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in at least float32 (float64 stays float64; half/bfloat16 are widened)."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
-class EpochMeans:
-    """Per-epoch sample means of logged statistics, summed over DDP ranks once per epoch.
-
-    ``add(key, name, total, count)`` accumulates a local sum and its sample count; ``reduce()``
-    sums every accumulator over ranks in ONE all-reduce (keys are created in the same order on
-    every rank, since every rank runs the same steps) and returns ``{key: {name: mean}}``.
-    """
-
-    def __init__(self):
-        self.sums: dict[tuple[str, str], list[float]] = {}
-
-    def add(self, key: str, name: str, total: float, count: float) -> None:
-        acc = self.sums.setdefault((key, name), [0.0, 0.0])
-        acc[0] += float(total)
-        acc[1] += float(count)
-
-    def reduce(self, device=None) -> dict[str, dict[str, float]]:
-        if not self.sums:
-            return {}
-        keys = sorted(self.sums)
-        flat = torch.tensor([v for k in keys for v in self.sums[k]], dtype=torch.float64,
-                            device=device)
-        flat = all_reduce_sum(flat).cpu()
-        out: dict[str, dict[str, float]] = defaultdict(dict)
-        for i, (key, name) in enumerate(keys):
-            total, count = float(flat[2 * i]), float(flat[2 * i + 1])
-            out[key][name] = total / count if count else 0.0
-        self.sums = {}
-        return dict(out)
 
 
 def mbsd_pair_terms(z_a: torch.Tensor, z_b: torch.Tensor, labels: torch.Tensor,

@@ -67,8 +67,13 @@ from torch import nn
 from ..models.fusion import CosineFusion
 from ..utils.distributed import world_size
 from ..utils.validation import NON_NEGATIVE, POSITIVE, Options, as_plain_int
-from .base import SEED, Regulator, all_reduce_sum
-from .mbsd import EpochMeans, wide
+from .base import (
+    SEED,
+    EpochMeans,
+    Regulator,
+    all_reduce_sum,
+    wide,
+)
 
 __all__ = ["MMCosine", "nce_loss", "cosine_head", "cosine_logits"]
 
