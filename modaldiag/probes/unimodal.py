@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..utils.distributed import all_gather_cat, all_reduce_sum
 from ..utils.progress import progress_bar
-from ..utils.validation import BOOL, validate_params
+from ..utils.validation import BOOL, Satisfies, validate_params
 from ._common import (
     BASELINE_CONSTRAINT,
     ITERABLE,
@@ -75,7 +75,8 @@ class EvalResult:
 
 
 _EVAL_CONSTRAINTS = {"loader": [ITERABLE], "baseline": BASELINE_CONSTRAINT,
-                     "baseline_loader": [None, ITERABLE], "progress": [BOOL]}
+                     "baseline_loader": [None, ITERABLE], "progress": [BOOL],
+                     "predict": [None, Satisfies(callable, "a callable predict(features) -> logits")]}
 
 
 def _same_features(feats, a: str, b: str) -> bool:
@@ -86,7 +87,7 @@ def _same_features(feats, a: str, b: str) -> bool:
 @torch.no_grad()
 def evaluate(model, loader: Iterable, *, baseline: str | None = None,
              baseline_loader: Iterable | None = None, device=None,
-             progress: bool = False) -> EvalResult:
+             progress: bool = False, predict=None) -> EvalResult:
     """Fused loss/accuracy and unimodal scores of every modality over ``loader``.
 
     Runs in eval mode; the model (every submodule's mode, ``requires_grad``, ``.grad``, buffers)
@@ -103,6 +104,10 @@ def evaluate(model, loader: Iterable, *, baseline: str | None = None,
         With ``baseline="mean"``: the loader whose mean features stand in for absent modalities.
     progress : bool, default False
         A progress bar over batches (nothing is printed when False).
+    predict : callable, optional
+        ``predict(features) -> logits (B, C)``: the fused prediction rule when it is not the
+        model's head (a regulator's test-time rule, e.g. ``regulator.predict`` bound to the model
+        via ``lambda f: mla.predict(model, f)``). The unimodal scores always use the head.
 
     Returns
     -------
@@ -112,14 +117,16 @@ def evaluate(model, loader: Iterable, *, baseline: str | None = None,
         ``.unimodal_correct`` (N, M), ``.copies``.
     """
     validate_params(_EVAL_CONSTRAINTS, {"loader": loader, "baseline": baseline,
-                                        "baseline_loader": baseline_loader, "progress": progress},
+                                        "baseline_loader": baseline_loader, "progress": progress,
+                                        "predict": predict},
                     "evaluate")
-    return _evaluate(model, loader, baseline, baseline_loader, device, progress, "evaluate")
+    return _evaluate(model, loader, baseline, baseline_loader, device, progress, "evaluate",
+                     predict=predict)
 
 
 @torch.no_grad()
 def _evaluate(model, loader, baseline, baseline_loader, device, progress: bool,
-              desc: str) -> EvalResult:
+              desc: str, predict=None) -> EvalResult:
     net = contract_model(model)
     if net.num_classes is None:
         raise ValueError("the model's num_classes is unknown; pass num_classes to md.wrap(...).")
@@ -137,7 +144,7 @@ def _evaluate(model, loader, baseline, baseline_loader, device, progress: bool,
             for pair in pairs:
                 same[pair] = same[pair] and (_same_features(inputs, *pair)
                                              or _same_features(feats, *pair))
-            logits = net.head(feats)
+            logits = net.head(feats) if predict is None else predict(feats)
             loss_sums.append(F.cross_entropy(logits, labels, reduction="sum"))
             hits.append(logits.argmax(1) == labels)
             ys.append(labels)

@@ -9,11 +9,13 @@ A step, in order::
       logits = model.head(features)                  # + unimodal logits when asked for
       on_after_forward(ctx)                          # add terms to ctx.losses
       backward(ctx) -> bool                          # True: this callback did the backward
+                                                     # (and, if owns_optimizer_step, the steps)
       on_after_backward(ctx)                         # e.g. OGM scales encoder gradients
       on_before_optimizer_step(ctx)
       optimizer.step()
       on_train_batch_end(ctx)
     on_train_epoch_end(ctx)                      # e.g. Re-learning re-initialises encoders
+    predict(model, features) -> logits | None    # test-time output when not the head (MLA)
 
 A run begins with ``on_fit_start``: a callback that keeps run state (a regulator) forgets the
 previous run's state there unless that state was just restored with ``load_state_dict`` (resume).
@@ -82,6 +84,11 @@ class Callback:
     conflicts: tuple[str, ...] = ()
     #: True when two instances of the class in one run would fight over the same state
     single_instance: bool = False
+    #: True when :meth:`backward` also takes the optimizer step(s) itself (MLA: one step per
+    #: modality; ReconBoost: phase-dependent parameter sets). Such a callback must leave every
+    #: ``.grad`` as None (``optimizer.zero_grad(set_to_none=True)``) so that the caller's
+    #: ``optimizer.step()`` (``md.fit``, a plain loop) changes nothing.
+    owns_optimizer_step: bool = False
 
     def on_fit_start(self, ctx: StepContext) -> None: ...
 
@@ -110,6 +117,15 @@ class Callback:
 
     def on_fit_end(self, ctx: StepContext) -> None: ...
 
+    def predict(self, model, features: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Test-time logits ``(B, C)`` from the encoders' features ``{m: (B, d_m)}``, or None
+        (default) for the model's head ``model.head(features)``.
+
+        Methods whose prediction is not the fused head (MLA's uncertainty-weighted fusion,
+        ReconBoost's ensemble, UME's unimodal ensemble) override it; ``md.fit`` validates with
+        it and ``md.probes.evaluate(..., predict=regulator.predict)`` reports with it."""
+        return None
+
     def train_loader(self, ctx: StepContext):
         """Return a loader to use for this epoch instead of the given one, or None."""
         return None
@@ -131,7 +147,9 @@ def check_composition(callbacks: Sequence[Callback]) -> None:
 
     Refused: two instances of a ``single_instance`` class (every regulator), a callback together
     with one named in its ``conflicts``, more than one callback that runs its own backward pass,
-    and more than one callback that replaces the training loader.
+    a callback that takes its own optimizer steps together with one that reads or edits gradients
+    after backward, more than one test-time ``predict``, and more than one callback that replaces
+    the training loader.
     """
     names = [cb.name for cb in callbacks]
     for cb in callbacks:
@@ -146,6 +164,18 @@ def check_composition(callbacks: Sequence[Callback]) -> None:
     owners = [cb.name for cb in callbacks if type(cb).backward is not Callback.backward]
     if len(owners) > 1:
         raise ValueError(f"{owners} each run their own backward pass; they cannot be combined.")
+    steppers = [cb for cb in callbacks if cb.owns_optimizer_step]
+    for cb in steppers:
+        editors = [o.name for o in callbacks if o is not cb and (
+            type(o).on_after_backward is not Callback.on_after_backward
+            or type(o).on_before_optimizer_step is not Callback.on_before_optimizer_step)]
+        if editors:
+            raise ValueError(
+                f"{cb.name} takes its own optimizer steps inside backward, so the gradients that "
+                f"{editors} read or edit after backward no longer exist; use {cb.name} alone.")
+    predictors = [cb.name for cb in callbacks if type(cb).predict is not Callback.predict]
+    if len(predictors) > 1:
+        raise ValueError(f"{predictors} each define their own test-time prediction; use only one.")
     loaders = [cb.name for cb in callbacks if type(cb).train_loader is not Callback.train_loader]
     if len(loaders) > 1:
         raise ValueError(f"{loaders} each replace the training loader; use only one of them.")

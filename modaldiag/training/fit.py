@@ -613,6 +613,11 @@ def fit(
     run = Regulation(model, optimizer, regulator, monitor=monitor, callbacks=callbacks,
                      unimodal_loss_weight=unimodal_loss_weight, on_nonfinite=on_nonfinite,
                      device=dev, amp=amp, scaler=scaler)
+    if max_grad_norm is not None and run.owns_optimizer_step:
+        stepper = next(cb.name for cb in run.callbacks if cb.owns_optimizer_step)
+        raise ValueError(f"max_grad_norm cannot be applied with {stepper}: it takes its own "
+                         "optimizer steps inside backward, where fit cannot clip. Leave "
+                         "max_grad_norm=None.")
     history = History(net.modalities, config={
         "epochs": epochs, "seed": seed, "optimizer": type(optimizer).__name__,
         "lr": optimizer.param_groups[0].get("lr"),
@@ -757,7 +762,7 @@ def fit(
                   "lr": optimizer.param_groups[0].get("lr")}
         if val_loader is not None:
             try:
-                val = evaluate(net, val_loader, device=dev).to_dict()
+                val = evaluate(net, val_loader, device=dev, predict=run.predictor).to_dict()
             except ValueError as exc:
                 if "non-finite" not in str(exc) and "NaN/inf" not in str(exc):
                     raise

@@ -225,6 +225,14 @@ class Regulation:
                                      if type(cb).backward is not Callback.backward), None)
         self._need_uni = self.unimodal_loss_weight > 0 or any(cb.needs_unimodal_logits
                                                               for cb in self.callbacks)
+        stepper = next((cb for cb in self.callbacks if cb.owns_optimizer_step), None)
+        if stepper is not None and (amp or scaler is not None or accumulate_grad_batches > 1):
+            raise ValueError(
+                f"{stepper.name} takes its own optimizer steps inside backward (one per modality or "
+                "phase), which gradient accumulation and mixed precision (amp/scaler) would have to "
+                "wrap; train it with accumulate_grad_batches=1 and amp=False.")
+        self._predictor = next((cb for cb in self.callbacks
+                                if type(cb).predict is not Callback.predict), None)
         self._started = False
         self._in_epoch = False
         self._step_pending = False
@@ -235,6 +243,27 @@ class Regulation:
     @property
     def model(self):
         return self.ctx.model
+
+    def predict(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Test-time logits ``(B, C)``: the prediction rule of the regulator that defines one
+        (MLA, ReconBoost, UME), else the model's head."""
+        if self._predictor is not None:
+            out = self._predictor.predict(self.ctx.model, features)
+            if out is not None:
+                return out
+        return self.ctx.model.head(features)
+
+    @property
+    def owns_optimizer_step(self) -> bool:
+        """True when a callback takes the optimizer steps inside :meth:`backward` (the caller's
+        ``optimizer.step()`` is then a no-op: every ``.grad`` is left None)."""
+        return any(cb.owns_optimizer_step for cb in self.callbacks)
+
+    @property
+    def predictor(self):
+        """``predict(features) -> logits`` for evaluation when a regulator defines its own test-time
+        rule, else None (the model's head)."""
+        return self.predict if self._predictor is not None else None
 
     def start(self, train_loader=None, val_loader=None, epochs: int | None = None) -> None:
         """Run ``on_fit_start`` (called automatically by the first ``epoch_start``): every
