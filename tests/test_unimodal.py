@@ -58,3 +58,32 @@ def test_unimodal_scores_follow_the_baseline_rule():
         md.unimodal_scores(model, loader, baseline="mean")
     with pytest.raises(ValueError, match=r"evaluate: baseline must be one of None, 'zero'"):
         md.probes.evaluate(model, loader, baseline="none")
+
+
+def test_fit_validation_path_gives_evaluate_numbers_and_keeps_modes_and_rng():
+    from modaldiag.probes.unimodal import validate
+    model = make_model(2, "concat")
+    model.train()
+    model.encoders["m1"].eval()  # a user's frozen submodule stays in eval mode
+    batches = [(make_inputs(model, batch=10), torch.arange(10) % 3) for _ in range(3)]
+    full = md.probes.evaluate(model, batches)
+    rng = torch.get_rng_state()
+    light = validate(model, batches)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert model.training and not model.encoders["m1"].training
+    assert light.to_dict() == full.to_dict()
+    assert light.per_class is None and light.correct is None
+    # a regulator's test-time rule replaces the fused logits, never the unimodal scores
+    flipped = validate(model, batches, predict=lambda f: -model.head(f))
+    assert flipped.accuracy != full.accuracy
+    assert flipped.to_dict()["unimodal_acc"] == full.to_dict()["unimodal_acc"]
+
+
+def test_all_finite_is_exact_when_the_sum_overflows_or_a_value_is_bad():
+    from modaldiag.utils.torch_utils import all_finite
+    big = torch.full((4,), 3e38)  # finite values whose float32 sum overflows to inf
+    assert all_finite([big, big])
+    assert not all_finite([big, torch.tensor([1.0, float("nan")])])
+    assert not all_finite([torch.tensor([float("inf"), -float("inf")])])  # sum is NaN
+    assert all_finite([torch.arange(3)])  # integer tensors are not checked
+    assert all_finite([])

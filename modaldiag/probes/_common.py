@@ -15,18 +15,26 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 
 from ..models.contract import MultimodalModel
-from ..utils.torch_utils import module_device, preserved_state, to_device, unwrap
+from ..utils.torch_utils import (
+    all_finite,
+    module_device,
+    preserved_state,
+    rng_state,
+    set_rng_state,
+    to_device,
+    unwrap,
+)
 from ..utils.validation import (
     NON_NEGATIVE_INT,
     Options,
     Satisfies,
     check_inputs,
     check_labels,
-    unpack_batch,
+    unpack_batch_present,
 )
 
 __all__ = ["contract_model", "iterate_batches", "eval_mode", "probe_state", "baseline_context",
-           "resolve_baseline", "autocast_context", "encode_checked",
+           "resolve_baseline", "autocast_context", "encode_checked", "present_of", "ProbeInputs", "light_probe_state",
            "BASELINES", "BASELINE_CONSTRAINT", "SEED", "ITERABLE"]
 
 BASELINES = ("zero", "mean")
@@ -82,27 +90,62 @@ def probe_state(model: torch.nn.Module | None):
         yield model
 
 
+@contextlib.contextmanager
+def light_probe_state(model: torch.nn.Module):
+    """:func:`probe_state` for a caller that owns the gradients and parameters (``md.fit``'s
+    per-epoch validation): eval mode inside, and on exit every submodule's mode and the global RNG
+    states as found. Under ``torch.no_grad`` in eval mode nothing else can change."""
+    rng = rng_state()
+    try:
+        with eval_mode(model):
+            yield model
+    finally:
+        set_rng_state(rng)
+
+
+class ProbeInputs(dict):
+    """The inputs dict of one probed batch, carrying its per-sample presence mask.
+
+    ``present`` is ``{m: BoolTensor (B,)}`` on the batch's device (True = present) or None when
+    every sample has every modality. :func:`encode_checked` applies it, so a probe that encodes
+    through it honours presence without handling it; :func:`present_of` reads it.
+    """
+
+    present: dict[str, torch.Tensor] | None = None
+
+
+def present_of(inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The presence mask carried by ``inputs`` from :func:`iterate_batches` (None: all present)."""
+    return getattr(inputs, "present", None)
+
+
 def iterate_batches(model: MultimodalModel, loader: Iterable, device=None,
                     ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
     """Validated ``(inputs, labels)`` batches moved to the model's device; raises on an empty loader.
 
     A loader item that is not an ``(inputs: dict, labels)`` pair (e.g. a published repository's
-    ``(audio, video, label)`` tuple) gives a ValueError that shows how to adapt the loader.
+    ``(audio, video, label)`` tuple) gives a ValueError that shows how to adapt the loader. A
+    third item, the per-sample presence mask ``{m: BoolTensor (B,)}``, is validated and travels
+    with the inputs (:class:`ProbeInputs`; :func:`present_of`): :func:`encode_checked` replaces
+    the features of absent samples by the model's baseline, so every probe sees absence as the
+    contract defines it. The placeholder inputs of absent samples must still be finite.
     """
     device = device or module_device(model)
     n = 0
     for b, batch in enumerate(loader):
-        inputs, labels = unpack_batch(batch, model.modalities, batch_index=b)
+        inputs, labels, present = unpack_batch_present(batch, model.modalities, batch_index=b)
         size = check_inputs(inputs, model.modalities, batch_index=b)
         labels = check_labels(labels, model.num_classes or 10**9, batch_size=size, batch_index=b)
-        for m in model.modalities:
+        for m in ([] if all_finite(inputs[m] for m in model.modalities) else model.modalities):
             x = inputs[m]
             if x.is_floating_point() and not torch.isfinite(x).all():
                 raise ValueError(
                     f"input of modality {m!r} in batch {b} contains NaN/inf; probes would return "
                     "NaN values. Clean or drop those samples first.")
         n += size
-        yield to_device(inputs, device), labels.to(device)
+        moved = ProbeInputs(to_device(inputs, device))
+        moved.present = to_device(present, device) if present is not None else None
+        yield moved, labels.to(device)
     if n == 0:
         raise ValueError("the loader is empty: no samples to probe.")
 
@@ -110,9 +153,11 @@ def iterate_batches(model: MultimodalModel, loader: Iterable, device=None,
 def encode_checked(model: MultimodalModel, inputs: Mapping[str, torch.Tensor],
                    batch_index: int) -> dict[str, torch.Tensor]:
     """``model.encode(inputs)`` with a clear error when an encoder turns finite inputs into
-    NaN/inf features (a diverged encoder, or a float16 overflow under autocast)."""
+    NaN/inf features (a diverged encoder, or a float16 overflow under autocast). Features of
+    samples whose modality is absent (the presence mask :func:`iterate_batches` attaches) are the
+    model's baseline (:meth:`~modaldiag.models.contract.MultimodalModel.mask_features`)."""
     feats = model.encode(inputs)
-    for m in model.modalities:
+    for m in ([] if all_finite(feats.values()) else model.modalities):
         f = feats[m]
         if f.is_floating_point() and not torch.isfinite(f).all():
             bad = int((~torch.isfinite(f)).flatten(1).any(1).sum())
@@ -122,7 +167,7 @@ def encode_checked(model: MultimodalModel, inputs: Mapping[str, torch.Tensor],
                 "statistics are probably non-finite (a diverged training run) or a float16 "
                 "activation overflowed (autocast); check torch.isfinite on "
                 f"model.encoders[{m!r}]'s parameters and buffers.")
-    return feats
+    return model.mask_features(feats, present_of(inputs))
 
 
 def resolve_baseline(model: MultimodalModel, baseline: str | None) -> str:

@@ -22,6 +22,7 @@ from ._common import (
     contract_model,
     encode_checked,
     iterate_batches,
+    light_probe_state,
     probe_state,
 )
 
@@ -125,8 +126,17 @@ def evaluate(model, loader: Iterable, *, baseline: str | None = None,
 
 
 @torch.no_grad()
+def validate(model, loader: Iterable, *, device=None, predict=None) -> EvalResult:
+    """:func:`evaluate` as ``md.fit`` calls it after every epoch: the same loss, accuracy and
+    unimodal scores (the model's stored baseline), without what only a report needs (per-class
+    scores, per-sample hits, the copied-modality check). Leaves the modes and the global RNG
+    states as found (fit owns the gradients and parameters; eval mode writes no buffer)."""
+    return _evaluate(model, loader, None, None, device, False, "validate", predict=predict,
+                     light=True)
+
+
 def _evaluate(model, loader, baseline, baseline_loader, device, progress: bool,
-              desc: str, predict=None) -> EvalResult:
+              desc: str, predict=None, light: bool = False) -> EvalResult:
     net = contract_model(model)
     if net.num_classes is None:
         raise ValueError("the model's num_classes is unknown; pass num_classes to md.wrap(...).")
@@ -134,9 +144,10 @@ def _evaluate(model, loader, baseline, baseline_loader, device, progress: bool,
     n_classes = net.num_classes
     # per-batch tensors only; one host sync at the end (evaluation runs every epoch of md.fit)
     loss_sums, uni_sums, hits, uhits, ys = [], [], [], [], []
-    pairs = [(a, b) for i, a in enumerate(mods) for b in mods[i + 1:]]
+    pairs = [] if light else [(a, b) for i, a in enumerate(mods) for b in mods[i + 1:]]
     same = dict.fromkeys(pairs, True)
-    with probe_state(net), baseline_context(net, baseline, baseline_loader) as kind:
+    state = light_probe_state(net) if light else probe_state(net)
+    with state, baseline_context(net, baseline, baseline_loader) as kind:
         batches = progress_bar(iterate_batches(net, loader, device), enabled=progress, desc=desc,
                                total=_length(loader))
         for b, (inputs, labels) in enumerate(batches):
@@ -162,10 +173,10 @@ def _evaluate(model, loader, baseline, baseline_loader, device, progress: bool,
         uni_total = (torch.stack(uni_sums).double().sum(0).cpu() if uni_sums
                      else torch.zeros(len(mods), 2, dtype=torch.float64))
         class_n = torch.bincount(y_all, minlength=n_classes)
-        class_correct = torch.stack(
-            [torch.bincount(y_all[hit_all], minlength=n_classes)]
-            + [torch.bincount(y_all[uhit_all[:, i]], minlength=n_classes)
-               for i in range(len(mods))])
+        class_correct = torch.zeros(len(mods) + 1, n_classes, dtype=torch.long) if light else (
+            torch.stack([torch.bincount(y_all[hit_all], minlength=n_classes)]
+                        + [torch.bincount(y_all[uhit_all[:, i]], minlength=n_classes)
+                           for i in range(len(mods))]))
         # sum every count over DDP ranks: scores of the union of every rank's data
         packed = torch.tensor([loss_total, float(hit_all.sum()), float(y_all.numel())]
                               + [v for i in range(len(mods))
@@ -173,12 +184,15 @@ def _evaluate(model, loader, baseline, baseline_loader, device, progress: bool,
                                            float(uni_total[i, 1]))],
                               dtype=torch.float64)
         packed = all_reduce_sum(packed)
-        class_n, class_correct = all_reduce_sum(class_n), all_reduce_sum(class_correct)
-        # per-sample hits of the union of every rank's data, in rank order (uint8 over the wire)
-        correct = all_gather_cat(hit_all.to(torch.uint8)).bool() if hits else None
-        unimodal_correct = all_gather_cat(uhit_all.to(torch.uint8)).bool() if uhits else None
-        flags = all_reduce_sum(torch.tensor([float(not same[p]) for p in pairs] or [0.0],
-                                            dtype=torch.float64))
+        if light:  # fit's validation: no per-class scores, per-sample hits or copy check
+            class_n, correct, unimodal_correct, flags = class_n * 0, None, None, torch.zeros(1)
+        else:
+            class_n, class_correct = all_reduce_sum(class_n), all_reduce_sum(class_correct)
+            # per-sample hits of the union of every rank's data, in rank order (uint8 on the wire)
+            correct = all_gather_cat(hit_all.to(torch.uint8)).bool() if hits else None
+            unimodal_correct = all_gather_cat(uhit_all.to(torch.uint8)).bool() if uhits else None
+            flags = all_reduce_sum(torch.tensor([float(not same[p]) for p in pairs] or [0.0],
+                                                dtype=torch.float64))
     copies = tuple(p for p, f in zip(pairs, flags.tolist(), strict=False) if f == 0)
     totals = {"loss": float(packed[0]), "correct": int(packed[1]), "n": int(packed[2])}
     uni = {}
@@ -200,8 +214,10 @@ def _evaluate(model, loader, baseline, baseline_loader, device, progress: bool,
         loss=totals["loss"] / n, accuracy=totals["correct"] / n, n=n,
         unimodal={m: UnimodalScore(m, u["correct"] / n, u["prob"] / n, u["ce"] / n, n, kind)
                   for m, u in uni.items()},
-        per_class=per_class, baseline=kind, correct=correct.cpu(),
-        unimodal_correct=unimodal_correct.cpu(), copies=copies,
+        per_class=None if light else per_class, baseline=kind,
+        correct=None if correct is None else correct.cpu(),
+        unimodal_correct=None if unimodal_correct is None else unimodal_correct.cpu(),
+        copies=copies,
     )
 
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..datasets.base import MultimodalDataset, batch_loader, loader_dataset
 from ..models.contract import MultimodalModel
-from ..probes.unimodal import evaluate
+from ..probes.unimodal import validate
 from ..utils.distributed import barrier, is_distributed, is_main_process
 from ..utils.distributed import rank as dist_rank
 from ..utils.io import atomic_torch_save, safe_torch_load
@@ -32,7 +32,7 @@ from ..utils.validation import (
     InstanceOf,
     Options,
     Satisfies,
-    unpack_batch,
+    unpack_batch_present,
     validate_params,
 )
 from .callbacks import Callback
@@ -473,7 +473,10 @@ def fit(
         ``(B,)``. A Dataset is batched with ``batch_size``. A loader yielding tuples such as
         ``(audio, video, label)`` is refused with the one-line adapter to use
         (``md.datasets.adapt_loader``). ``val_loader`` (optional) is used for per-epoch records
-        and model selection. Never pass the test set here.
+        and model selection. Never pass the test set here. Batches may carry a third item, a
+        per-sample presence mask ``{m: BoolTensor (B,)}`` (True = present): absent entries are
+        replaced by the model's baseline right after encoding, in training and validation
+        (docs/training.md, "Missing modalities").
     epochs : int >= 1, default 30
     optimizer : torch.optim.Optimizer, optional
         Default: SGD(lr=``lr``, momentum=0.9, weight_decay=``weight_decay``). It must hold the
@@ -689,12 +692,12 @@ def fit(
         overflowed: list[int] = []  # skipped batches with finite inputs since the last step
         batches = progress_bar(loader, enabled=show, desc=f"fit epoch {epoch + 1}/{epochs}")
         for index, batch in enumerate(batches):
-            inputs, labels = unpack_batch(batch, net.modalities, batch_index=index)
+            inputs, labels, present = unpack_batch_present(batch, net.modalities, batch_index=index)
             optimizer.zero_grad(set_to_none=True)
             at_risk = _batchnorms_at_risk(net, inputs)
             guard = _BatchOfOne(at_risk) if at_risk else None
             try:
-                loss = run.backward(inputs, labels)
+                loss = run.backward(inputs, labels, present)
             except ValueError as exc:
                 if guard is not None and guard.refused(exc):
                     guard.restore()
@@ -762,7 +765,7 @@ def fit(
                   "lr": optimizer.param_groups[0].get("lr")}
         if val_loader is not None:
             try:
-                val = evaluate(net, val_loader, device=dev, predict=run.predictor).to_dict()
+                val = validate(net, val_loader, device=dev, predict=run.predictor).to_dict()
             except ValueError as exc:
                 if "non-finite" not in str(exc) and "NaN/inf" not in str(exc):
                     raise

@@ -11,6 +11,9 @@ A plain PyTorch loop needs four added lines::
             optimizer.step()
         run.epoch_end()                                  # epoch-level actions; returns the logs
 
+A loader with missing modalities yields ``(inputs, labels, present)``: pass the mask on,
+``run.backward(inputs, labels, present)`` (absent entries become the model's baseline).
+
 ``run.batch_end()`` after ``optimizer.step()`` is optional: the step counter (which seeds
 OGM-GE's noise and OPM's drop masks with ``(seed, step)``) advances by itself at the next
 ``backward`` after an optimizer step, so a loop written as above draws new noise at every step and
@@ -42,6 +45,7 @@ from ..utils.validation import (
     check_finite,
     check_inputs,
     check_labels,
+    check_presence,
     unpack_batch,
     validate_params,
 )
@@ -294,8 +298,18 @@ class Regulation:
 
     _epoch_begun = False
 
-    def forward_loss(self, inputs, labels) -> torch.Tensor | None:
+    def forward_loss(self, inputs, labels, present=None) -> torch.Tensor | None:
         """Forward pass with every regulator term; returns the total loss (not yet backpropagated).
+
+        ``present`` (optional): the batch's per-sample presence mask ``{m: BoolTensor (B,)}``
+        (True = present; see :func:`~modaldiag.utils.validation.unpack_batch_present`). The
+        features of absent samples are replaced by the model's baseline right after encoding
+        (:meth:`~modaldiag.models.contract.MultimodalModel.mask_features`), before any
+        ``transform_features`` hook: the head, the unimodal logits and every regulator see the
+        baseline, and the encoder of an absent modality gets no gradient from that sample. The
+        encoder still runs on the placeholder input the dataset holds (its output is discarded,
+        but a BatchNorm in training mode counts it in its batch statistics). ``ctx.present``
+        holds the mask (None when every sample has every modality).
 
         Returns None when the loss is non-finite and ``on_nonfinite="skip"``. Frameworks that run
         the backward themselves (Lightning) use this; plain loops call :meth:`backward`.
@@ -309,7 +323,9 @@ class Regulation:
             unpack_batch((inputs, labels), model.modalities, batch_index=ctx.batch_index)
         size = check_inputs(inputs, model.modalities, batch_index=ctx.batch_index)
         labels = check_labels(labels, model.num_classes, batch_size=size, batch_index=ctx.batch_index)
+        present = check_presence(present, model.modalities, size, batch_index=ctx.batch_index)
         ctx.inputs, ctx.labels = to_device(inputs, ctx.device), labels.to(ctx.device)
+        ctx.present = to_device(present, ctx.device) if present is not None else None
         ctx.unimodal_logits, ctx.losses, ctx.loss = None, {}, None
         for cb in self.callbacks:
             cb.on_train_batch_start(ctx)
@@ -329,11 +345,13 @@ class Regulation:
             cb.on_after_forward(ctx)
         ctx.loss = sum(ctx.losses.values())
         stats = self.epoch_stats
-        if not torch.isfinite(ctx.loss):
+        # the multimodal term alone was checked above; only added terms can make the total NaN
+        if len(ctx.losses) > 1 and not torch.isfinite(ctx.loss):
             return self._nonfinite()
         if stats:
-            stats["loss"] += float(ctx.losses["multimodal"].detach()) * size
-            stats["correct"] += int((ctx.logits.detach().argmax(1) == ctx.labels).sum())
+            # device tensors, summed without a host sync per step (read once at epoch end)
+            stats["loss"] = stats["loss"] + ctx.losses["multimodal"].detach().double() * size
+            stats["correct"] = stats["correct"] + (ctx.logits.detach().argmax(1) == ctx.labels).sum()
             stats["n"] += size
             if len(stats["classes"]) < 2:  # only the single-class check needs it
                 stats["classes"].update(ctx.labels.unique().tolist())
@@ -381,7 +399,7 @@ class Regulation:
     def _forward(self, model, inputs) -> torch.Tensor:
         """Encode, transform features, head (+ unimodal logits); fills ``ctx``."""
         ctx = self.ctx
-        features = model.encode(inputs)
+        features = model.mask_features(model.encode(inputs), ctx.present)
         for cb in self.callbacks:
             features = cb.transform_features(features, ctx)
         ctx.features = features
@@ -408,14 +426,15 @@ class Regulation:
             cb.on_before_optimizer_step(self.ctx)
         self._step_pending = True
 
-    def backward(self, inputs, labels) -> torch.Tensor | None:
+    def backward(self, inputs, labels, present=None) -> torch.Tensor | None:
         """Forward, regulator terms, backward and gradient modulation for one batch.
 
-        Returns the detached total loss (None if the batch was skipped as non-finite). Call
+        ``present``: the batch's per-sample presence mask, as in :meth:`forward_loss`. Returns the
+        detached total loss (None if the batch was skipped as non-finite). Call
         ``optimizer.step()`` afterwards.
         """
         self._require_epoch("backward")
-        loss = self.forward_loss(inputs, labels)
+        loss = self.forward_loss(inputs, labels, present)
         if loss is None:
             return None
         if self._backward_owner is None or not self._backward_owner.backward(self.ctx):
@@ -436,6 +455,8 @@ class Regulation:
         """Epoch-level actions (re-initialisation, traces); returns this epoch's logs."""
         ctx = self.ctx
         self._require_epoch("epoch_end")
+        stats = self.epoch_stats
+        stats["loss"], stats["correct"] = float(stats["loss"]), int(stats["correct"])
         if self._step_pending:
             self.batch_end()
         self._in_epoch = False

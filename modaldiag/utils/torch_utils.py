@@ -9,8 +9,24 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["seed_everything", "to_device", "module_device", "unwrap", "resolve_device",
+__all__ = ["all_finite", "seed_everything", "to_device", "module_device", "unwrap", "resolve_device",
            "rng_state", "set_rng_state", "preserved_state"]
+
+
+def all_finite(tensors) -> bool:
+    """True when every floating tensor in ``tensors`` holds only finite values, in one host sync.
+
+    A finite sum proves every summand finite (a NaN or inf entry makes the sum NaN or inf), so one
+    reduction per tensor and one sync decide the common case; only when the sum is not finite
+    (a bad value, or a float overflow of the sum itself) is each tensor checked element-wise."""
+    floats = [t for t in tensors if t.is_floating_point() and t.numel()]
+    if not floats:
+        return True
+    total = floats[0].sum() if len(floats) == 1 else torch.stack(
+        [t.sum().float() for t in floats]).sum()
+    if bool(torch.isfinite(total)):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in floats)
 
 
 def seed_everything(seed: int) -> None:
