@@ -30,6 +30,7 @@ from .regulators import (
     InfoReg,
     MMCosine,
     MMPareto,
+    ReconBoost,
     Regulator,
     Relearning,
     ValuationResampling,
@@ -45,4 +46,4 @@ __all__ = ["MultimodalClassifier", "MultimodalModel", "wrap", "datasets", "model
            "Regulation", "unimodal_scores", "shapley", "fisher_trace", "separability", "diagnose",
            "Diagnosis", "learning_window", "Regulator", "InfoReg", "Relearning", "OGM", "OPM",
            "MMPareto", "ValuationResampling", "AGM", "PMR", "MMCosine", "MBSD", "CML", "LFM",
-           "GBlending", "AMCo", "set_threads", "__version__"]
+           "GBlending", "AMCo", "ReconBoost", "set_threads", "__version__"]

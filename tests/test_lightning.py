@@ -53,6 +53,14 @@ def test_lightning_gradient_accumulation_modulates_once_per_step(synth):
     assert "regulation" in state
 
 
+def test_lightning_refuses_a_regulator_with_its_own_backward_before_touching_the_optimizer():
+    """ReconBoost runs its own backward; refused at construction, before on_fit_start would add
+    its scalar to the user's optimizer."""
+    with pytest.raises(ValueError, match="ReconBoost runs its own backward pass"):
+        ModalDiagCallback(md.ReconBoost())
+    ModalDiagCallback(md.MMPareto())  # has a Lightning mode (defer_gradients)
+
+
 def test_lightning_refuses_valuation_resampling():
     with pytest.raises(ValueError, match="md.fit or md.Regulation"):
         ModalDiagCallback(md.ValuationResampling())

@@ -502,6 +502,15 @@ def test_regulators_see_unscaled_gradients_with_a_grad_scaler(synth):
     torch.testing.assert_close(grads(scaler), grads(None))
 
 
+@pytest.mark.parametrize("make", [lambda: md.MMPareto(), lambda: md.ReconBoost()])
+def test_a_grad_scaler_is_refused_for_a_regulator_that_runs_its_own_backward(synth, make):
+    """Its backward is not scaled, so unscaling before the step would shrink its gradients."""
+    model = md.models.default_model(synth, feature_dim=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="runs its own backward pass, which a float16 GradScaler"):
+        md.Regulation(model, opt, make(), scaler=torch.amp.GradScaler("cpu"))
+
+
 # ---------------------------------------------------------------- issue 11: run state, randomness
 REGULATORS = {
     "InfoReg": lambda: md.InfoReg(),

@@ -80,6 +80,13 @@ class ModalDiagCallback(pl.Callback):
         if replacing:
             raise ValueError(f"{replacing[0]} rebuilds the training loader every epoch; use "
                              "md.fit or md.Regulation for it, not the Lightning callback.")
+        owners = [r.name for r in regs if isinstance(r, Callback)
+                  and type(r).backward is not Callback.backward
+                  and not hasattr(r, "defer_gradients")]
+        if owners:
+            raise ValueError(f"{owners[0]} runs its own backward pass (and may step the optimizer "
+                             "itself), which Lightning's automatic optimisation does not allow; "
+                             "use md.fit or md.Regulation for it, not the Lightning callback.")
         separate = [r.name for r in regs if getattr(r, "unimodal_heads", None) == "separate"]
         if separate:
             raise ValueError(f"{separate[0]}(unimodal_heads='separate') owns one linear head per "

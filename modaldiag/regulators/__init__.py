@@ -13,6 +13,7 @@ from .mmpareto import MMPareto, pareto_combine
 from .ogm import OGM, ogm_coefficients, released_unimodal_logits
 from .opm import OPM, opm_drop_probability, opm_released_theta
 from .pmr import PMR, pmr_coefficients, prototype_log_probs
+from .reconboost import ReconBoost, reconboost_boost_loss, reconboost_ga, reconboost_schedule
 from .relearning import Relearning
 from .valuation import ValuationResampling, extra_copies
 
@@ -24,4 +25,5 @@ __all__ = ["Regulator", "InfoReg", "Relearning", "OGM", "OPM", "MMPareto", "Valu
            "agm_coefficients", "shapley_matrix", "shapley_outputs", "pmr_coefficients",
            "prototype_log_probs", "nce_loss", "mbsd_pair_terms", "cml_chain_loss",
            "cml_all_pairs_loss", "lfm_alignment", "lfm_fitted_alpha", "gblending_weights",
-           "amco_schedule", "joint_softmax_mass"]
+           "amco_schedule", "joint_softmax_mass", "ReconBoost", "reconboost_boost_loss",
+           "reconboost_ga", "reconboost_schedule"]

@@ -229,6 +229,11 @@ class Regulation:
                                      if type(cb).backward is not Callback.backward), None)
         self._need_uni = self.unimodal_loss_weight > 0 or any(cb.needs_unimodal_logits
                                                               for cb in self.callbacks)
+        if scaler is not None and self._backward_owner is not None:
+            raise ValueError(
+                f"{self._backward_owner.name} runs its own backward pass, which a float16 "
+                "GradScaler cannot scale (its gradients would be unscaled twice). Train it in "
+                "float32, or with bfloat16 autocast (amp=True on the CPU), which needs no scaler.")
         stepper = next((cb for cb in self.callbacks if cb.owns_optimizer_step), None)
         if stepper is not None and (amp or scaler is not None or accumulate_grad_batches > 1):
             raise ValueError(
