@@ -22,6 +22,7 @@ from .regulators import (
     CML,
     LFM,
     MBSD,
+    MLA,
     OGM,
     OPM,
     PMR,
@@ -46,4 +47,4 @@ __all__ = ["MultimodalClassifier", "MultimodalModel", "wrap", "datasets", "model
            "Regulation", "unimodal_scores", "shapley", "fisher_trace", "separability", "diagnose",
            "Diagnosis", "learning_window", "Regulator", "InfoReg", "Relearning", "OGM", "OPM",
            "MMPareto", "ValuationResampling", "AGM", "PMR", "MMCosine", "MBSD", "CML", "LFM",
-           "GBlending", "AMCo", "ReconBoost", "set_threads", "__version__"]
+           "GBlending", "AMCo", "ReconBoost", "MLA", "set_threads", "__version__"]

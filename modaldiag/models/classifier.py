@@ -34,8 +34,10 @@ class MultimodalClassifier(MultimodalModel):
         Output dimension of each encoder (same keys as ``encoders``).
     num_classes : int
         Number of classes C (at least 2).
-    fusion : {"concat", "sum", "film", "gated", "late"} or nn.Module, default "concat"
+    fusion : {"concat", "sum", "film", "gated", "late", "cosine", "shared"} or nn.Module, default "concat"
         The head. A custom ``nn.Module`` must map the complete feature dict to ``(B, C)``.
+        ``"shared"`` (one ``nn.Linear`` on the sum of the features, MLA's head) needs equal
+        ``feature_dims``.
     hidden_dim : int, optional
         Width of the fused space for ``sum``, ``film`` and ``gated``.
     film_target : str, optional

@@ -16,6 +16,9 @@ with the default zero baseline:
   part in the gate through its zero input.
 - ``cosine`` (MMCosine, Xu et al., ICASSP 2023): one bias-free weight ``W_m`` (C x d_m) per modality,
   ``z_c = s * sum_m cos(f_m, W_{m,c})``; an absent modality with the zero baseline contributes 0.
+- ``shared`` (MLA's head, Zhang et al., CVPR 2024): ONE linear layer applied to the sum of the
+  features (all ``d_m`` equal), ``z = W sum_m f_m + b``; with the zero baseline the unimodal logits
+  are ``z_m = W f_m + b``, the same classifier for every modality.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from torch import nn
 from .names import ModalityDict
 
 __all__ = ["FUSIONS", "build_fusion", "ConcatFusion", "SumFusion", "LateFusion", "FiLMFusion",
-           "GatedFusion", "CosineFusion"]
+           "GatedFusion", "CosineFusion", "SharedFusion"]
 
 
 class _Fusion(nn.Module):
@@ -215,6 +218,45 @@ class CosineFusion(_Fusion):
         return f"scale={self.scale}"
 
 
+class SharedFusion(_Fusion):
+    """One linear classifier shared by every modality, applied to the sum of the features.
+
+    ``z = W (sum_m f_m) + b`` with a single ``nn.Linear(d, C)`` (``self.fc``); every modality must
+    have the same feature dimension ``d``. With the zero baseline the unimodal logits are
+    ``z_m = h(f, present={m}) = W f_m + b``: the head MLA (Zhang et al., CVPR 2024) trains
+    alternately on each modality, and whose weight gradient it projects.
+
+    Parameters
+    ----------
+    feature_dims, num_classes : as every head (all ``feature_dims`` values equal).
+    hidden_dim : ignored (accepted for a uniform constructor).
+    """
+
+    def __init__(self, feature_dims, num_classes, hidden_dim: int | None = None):
+        super().__init__(feature_dims, num_classes)
+        dims = set(self.feature_dims.values())
+        if len(dims) != 1:
+            raise ValueError(
+                f"fusion='shared' applies one linear layer to every modality's feature, so all "
+                f"feature dimensions must be equal; got {self.feature_dims}. Give every encoder "
+                "the same output width (e.g. md.models.default_model(data, feature_dim=d)) or "
+                "add a linear projection to d inside each encoder.")
+        self.fc = nn.Linear(dims.pop(), num_classes)
+
+    def forward(self, features):
+        total = None
+        for m in self.modalities:
+            total = features[m] if total is None else total + features[m]
+        return self.fc(total)
+
+    def coalitions(self, features, absent, masks):
+        """Fast exact path for many coalitions: the head is additive over modalities."""
+        w = self.fc.weight
+        terms = [features[m] @ w.T for m in self.modalities]
+        absent_terms = [absent[m] @ w.T for m in self.modalities]
+        return _additive_coalitions(terms, absent_terms, self.fc.bias, masks)
+
+
 FUSIONS = {
     "concat": ConcatFusion,
     "sum": SumFusion,
@@ -222,6 +264,7 @@ FUSIONS = {
     "film": FiLMFusion,
     "gated": GatedFusion,
     "cosine": CosineFusion,
+    "shared": SharedFusion,
 }
 
 

@@ -8,6 +8,7 @@ from .gblending import GBlending, gblending_weights
 from .inforeg import InfoReg
 from .lfm import LFM, lfm_alignment, lfm_fitted_alpha
 from .mbsd import MBSD, mbsd_pair_terms
+from .mla import MLA, mla_fusion_weights, mla_project_gradient, mla_projector_update, mla_step_size
 from .mmcosine import MMCosine, nce_loss
 from .mmpareto import MMPareto, pareto_combine
 from .ogm import OGM, ogm_coefficients, released_unimodal_logits
@@ -26,4 +27,5 @@ __all__ = ["Regulator", "InfoReg", "Relearning", "OGM", "OPM", "MMPareto", "Valu
            "prototype_log_probs", "nce_loss", "mbsd_pair_terms", "cml_chain_loss",
            "cml_all_pairs_loss", "lfm_alignment", "lfm_fitted_alpha", "gblending_weights",
            "amco_schedule", "joint_softmax_mass", "ReconBoost", "reconboost_boost_loss",
-           "reconboost_ga", "reconboost_schedule"]
+           "reconboost_ga", "reconboost_schedule", "MLA", "mla_fusion_weights",
+           "mla_project_gradient", "mla_projector_update", "mla_step_size"]

@@ -59,6 +59,9 @@ class StepContext:
     history: Any = None
     epochs: int | None = None
     ddp_model: Any = None
+    #: per-step squared gradient norm of each encoder, ``{m: float}``, published by a callback
+    #: that takes its own optimizer steps (the gradients are gone when the monitor reads them)
+    encoder_grad_sq: dict[str, float] | None = None
 
     def compute_unimodal_logits(self) -> dict[str, torch.Tensor]:
         """Unimodal logits ``{m: head(features, present=(m,))}`` (computed once per step)."""
@@ -87,7 +90,8 @@ class Callback:
     #: True when :meth:`backward` also takes the optimizer step(s) itself (MLA: one step per
     #: modality; ReconBoost: phase-dependent parameter sets). Such a callback must leave every
     #: ``.grad`` as None (``optimizer.zero_grad(set_to_none=True)``) so that the caller's
-    #: ``optimizer.step()`` (``md.fit``, a plain loop) changes nothing.
+    #: ``optimizer.step()`` (``md.fit``, a plain loop) changes nothing. It publishes each
+    #: encoder's squared gradient norm of the step in ``ctx.encoder_grad_sq`` for the Fisher monitor.
     owns_optimizer_step: bool = False
 
     def on_fit_start(self, ctx: StepContext) -> None: ...

@@ -331,7 +331,7 @@ class Regulation:
         present = check_presence(present, model.modalities, size, batch_index=ctx.batch_index)
         ctx.inputs, ctx.labels = to_device(inputs, ctx.device), labels.to(ctx.device)
         ctx.present = to_device(present, ctx.device) if present is not None else None
-        ctx.unimodal_logits, ctx.losses, ctx.loss = None, {}, None
+        ctx.unimodal_logits, ctx.losses, ctx.loss, ctx.encoder_grad_sq = None, {}, None, None
         for cb in self.callbacks:
             cb.on_train_batch_start(ctx)
         dev_type = ctx.device.type if ctx.device is not None else "cpu"

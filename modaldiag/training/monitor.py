@@ -16,7 +16,9 @@ class FisherMonitor(Callback):
 
     It reads the gradients once per optimizer step, before any regulator modulates them (it runs
     first), after AMP unscaling and gradient accumulation, and logs ``fisher.<m>`` per epoch. A
-    parameter shared by two encoders counts for both; head parameters never count. It
+    parameter shared by two encoders counts for both; head parameters never count. With a regulator
+    that takes its own optimizer steps (MLA), it reads the norms that regulator published in
+    ``ctx.encoder_grad_sq`` (each encoder's gradient of its own step). It
     underestimates the per-sample trace by about the gradient-noise term; use
     :func:`modaldiag.fisher_trace` with ``per_sample=True`` for the exact form.
 
@@ -37,7 +39,9 @@ class FisherMonitor(Callback):
 
     @torch.no_grad()
     def on_before_optimizer_step(self, ctx: StepContext) -> None:
-        for m, s in encoder_grad_sq_norms(ctx.model).items():
+        published = ctx.encoder_grad_sq  # a regulator that stepped itself (MLA) measured them
+        norms = published if published is not None else encoder_grad_sq_norms(ctx.model)
+        for m, s in norms.items():
             if s is not None:
                 self._sums[m] = s if m not in self._sums else self._sums[m] + s
         self._batches += 1
