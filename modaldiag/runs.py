@@ -36,6 +36,7 @@ from .regulators import (
     CML,
     LFM,
     MBSD,
+    MLA,
     OGM,
     OPM,
     PMR,
@@ -44,12 +45,13 @@ from .regulators import (
     InfoReg,
     MMCosine,
     MMPareto,
+    ReconBoost,
     Relearning,
     ValuationResampling,
 )
 from .report.compare import regulator_text
 from .report.plots import learning_window, save_figure, unimodal_accuracy
-from .training import History, fit
+from .training import Callback, History, fit
 from .utils.io import (
     DirectoryLock,
     atomic_directory,
@@ -80,17 +82,32 @@ __all__ = ["METHODS", "RUN_KEYS", "make_regulator", "train_run", "load_run", "wo
 #: the configuration that identifies a run: re-running with all of them equal resumes
 #: (``data`` / ``model``: the user's specs, None for an embedded dataset / the default model)
 RUN_KEYS = ("dataset", "data", "model", "method", "epochs", "seed", "fusion", "batch_size", "lr")
-FUSIONS = ("concat", "sum", "film", "gated", "late", "cosine")
+FUSIONS = ("concat", "sum", "film", "gated", "late", "cosine", "shared")
 
 METHODS = ("joint", "inforeg", "inforeg-star", "relearning", "ogm", "ogm-ge", "opm", "mmpareto",
            "valuation", "valuation-modality", "agm", "pmr", "mmcosine", "mbsd", "cml", "lfm",
-           "gblending", "amco")
+           "gblending", "amco", "mla", "reconboost")
 METHOD_LABELS = {"joint": "joint training", "inforeg": "InfoReg", "inforeg-star": "InfoReg*",
                  "relearning": "Re-learning", "ogm": "OGM", "ogm-ge": "OGM-GE", "opm": "OPM",
                  "mmpareto": "MMPareto", "valuation": "valuation re-sampling (sample)",
                  "valuation-modality": "valuation re-sampling (modality)", "agm": "AGM",
                  "pmr": "PMR", "mmcosine": "MMCosine", "mbsd": "MBSD", "cml": "CML", "lfm": "LFM",
-                 "gblending": "G-Blending", "amco": "AMCo"}
+                 "gblending": "G-Blending", "amco": "AMCo", "mla": "MLA",
+                 "reconboost": "ReconBoost"}
+
+
+def default_fusion(method: str) -> str:
+    """The default model's head for a method: ``"shared"`` for MLA (its gradient projection
+    needs one linear head shared by every modality), ``"concat"`` otherwise."""
+    return "shared" if method == "mla" else "concat"
+
+
+def prediction_rule(regulator, model):
+    """``predict(features) -> logits`` when the method predicts with its own test-time rule (MLA,
+    ReconBoost, UME), else None (the model's head)."""
+    if regulator is None or type(regulator).predict is Callback.predict:
+        return None
+    return lambda features: regulator.predict(model, features)
 
 
 def make_regulator(method: str, epochs: int):
@@ -117,6 +134,8 @@ def make_regulator(method: str, epochs: int):
         "lfm": lambda: LFM(),
         "gblending": lambda: GBlending(super_epoch=min(10, max(1, epochs // 3))),
         "amco": lambda: AMCo(),
+        "mla": lambda: MLA(),
+        "reconboost": lambda: ReconBoost(max(1, min(4, epochs // 8)), max(1, min(4, epochs // 8))),
     }[method]()
 
 
@@ -560,7 +579,7 @@ def train_run(data, method: str, epochs: int, out, *, seed: int = 0, fusion: str
     model_spec = normalize_spec(model_spec, "--model") if model_spec is not None else None
     config = {"dataset": data.name, "data": data_spec, "model": model_spec, "method": method,
               "epochs": epochs, "seed": seed,
-              "fusion": None if model_spec is not None else (fusion or "concat"),
+              "fusion": None if model_spec is not None else (fusion or default_fusion(method)),
               "batch_size": batch_size, "lr": float(lr)}
     out = check_output_dir(out, existing_ok=True, option="out")
     work = work_dir(out)
@@ -602,12 +621,14 @@ def train_run(data, method: str, epochs: int, out, *, seed: int = 0, fusion: str
             discard_folder(work)
             raise ValueError(f"{exc} Nothing was saved to {out} and the run's checkpoints were "
                              "removed.") from None
-        test = evaluate(model, test_loader)
+        rule = prediction_rule(regulator, model)
+        test = evaluate(model, test_loader, predict=rule)
         history.meta.update({"dataset": data.name, "method": method, "test": test.to_dict()})
         record = {"name": name or METHOD_LABELS[method], **config, "feature_dim": 64,
                   "split_seed": 0, "regulator": describe_regulator(regulator),
                   "test_acc": test.accuracy, "test_n": test.n,
                   "test_unimodal_acc": {m: s.accuracy for m, s in test.unimodal.items()},
+                  "prediction": "head" if rule is None else f"{type(regulator).__name__}.predict",
                   "best_epoch": history.best_epoch}
         if data_spec is not None or model_spec is not None:
             record["workdir"] = os.getcwd()  # where module specs were importable from

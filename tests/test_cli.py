@@ -9,7 +9,7 @@ import pytest
 
 from modaldiag.cli import main
 from modaldiag.probes import evaluate
-from modaldiag.runs import METHODS, load_run
+from modaldiag.runs import METHODS, load_run, make_regulator, prediction_rule
 
 
 def _no_partial(folder):
@@ -49,7 +49,12 @@ def test_train_every_method(tmp_path, method):
     # the recorded scores are those of the saved model on the TEST split (not val, not train)
     loaded = load_run(out)
     data = loaded.data()
-    test = evaluate(loaded.model(data), data.test.loader(512))
+    model = loaded.model(data)
+    # MLA / ReconBoost predict with their own test-time rule (ReconBoost's rho > 0 scales the
+    # ensemble's logits, so a fresh regulator gives the same predictions)
+    rule = prediction_rule(make_regulator(method, 2), model)
+    assert (rule is None) == (run["prediction"] == "head")
+    test = evaluate(model, data.test.loader(512), predict=rule)
     assert run["test_acc"] == pytest.approx(test.accuracy, abs=1e-12)
     assert run["test_unimodal_acc"] == pytest.approx({m: s.accuracy for m, s in test.unimodal.items()},
                                                      abs=1e-12)
