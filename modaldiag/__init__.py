@@ -26,6 +26,8 @@ from .regulators import (
     OGM,
     OPM,
     PMR,
+    UME,
+    UMT,
     AMCo,
     GBlending,
     InfoReg,
@@ -47,4 +49,4 @@ __all__ = ["MultimodalClassifier", "MultimodalModel", "wrap", "datasets", "model
            "Regulation", "unimodal_scores", "shapley", "fisher_trace", "separability", "diagnose",
            "Diagnosis", "learning_window", "Regulator", "InfoReg", "Relearning", "OGM", "OPM",
            "MMPareto", "ValuationResampling", "AGM", "PMR", "MMCosine", "MBSD", "CML", "LFM",
-           "GBlending", "AMCo", "ReconBoost", "MLA", "set_threads", "__version__"]
+           "GBlending", "AMCo", "ReconBoost", "MLA", "UMT", "UME", "set_threads", "__version__"]

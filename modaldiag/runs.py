@@ -40,6 +40,8 @@ from .regulators import (
     OGM,
     OPM,
     PMR,
+    UME,
+    UMT,
     AMCo,
     GBlending,
     InfoReg,
@@ -86,14 +88,14 @@ FUSIONS = ("concat", "sum", "film", "gated", "late", "cosine", "shared")
 
 METHODS = ("joint", "inforeg", "inforeg-star", "relearning", "ogm", "ogm-ge", "opm", "mmpareto",
            "valuation", "valuation-modality", "agm", "pmr", "mmcosine", "mbsd", "cml", "lfm",
-           "gblending", "amco", "mla", "reconboost")
+           "gblending", "amco", "mla", "reconboost", "umt", "ume")
 METHOD_LABELS = {"joint": "joint training", "inforeg": "InfoReg", "inforeg-star": "InfoReg*",
                  "relearning": "Re-learning", "ogm": "OGM", "ogm-ge": "OGM-GE", "opm": "OPM",
                  "mmpareto": "MMPareto", "valuation": "valuation re-sampling (sample)",
                  "valuation-modality": "valuation re-sampling (modality)", "agm": "AGM",
                  "pmr": "PMR", "mmcosine": "MMCosine", "mbsd": "MBSD", "cml": "CML", "lfm": "LFM",
                  "gblending": "G-Blending", "amco": "AMCo", "mla": "MLA",
-                 "reconboost": "ReconBoost"}
+                 "reconboost": "ReconBoost", "umt": "UMT", "ume": "UME"}
 
 
 def default_fusion(method: str) -> str:
@@ -136,6 +138,8 @@ def make_regulator(method: str, epochs: int):
         "amco": lambda: AMCo(),
         "mla": lambda: MLA(),
         "reconboost": lambda: ReconBoost(max(1, min(4, epochs // 8)), max(1, min(4, epochs // 8))),
+        "umt": lambda: UMT(teacher_epochs=max(1, epochs // 2)),
+        "ume": lambda: UME(),
     }[method]()
 
 

@@ -1056,3 +1056,19 @@ def test_opm_with_a_mean_baseline_drops_to_the_baseline_and_rescales_the_deviati
         assert dropped.any() and keep.any()
         torch.testing.assert_close(out[m][dropped], base[dropped])
         torch.testing.assert_close(out[m][keep], base[keep] + (feats[m][keep] - base[keep]) / (1 - q))
+
+
+def test_a_loss_term_replaced_by_a_hook_is_checked_for_non_finite_values(synth):
+    """A hook that replaces the multimodal term (UME trains its unimodal terms instead) cannot
+    slip a NaN total past the check that ran before the hooks."""
+    x, y = next(iter(synth.train.loader(32)))
+    model = md.models.default_model(synth, feature_dim=8)
+
+    class Replace(md.Callback):
+        def on_after_forward(self, ctx):
+            ctx.losses["multimodal"] = ctx.losses["multimodal"] * float("nan")
+
+    run = md.Regulation(model, torch.optim.SGD(model.parameters(), lr=0.1), callbacks=[Replace()])
+    run.epoch_start(0, [(x, y)])
+    with pytest.raises(ValueError, match="non-finite"):
+        run.backward(x, y)

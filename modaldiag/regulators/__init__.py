@@ -16,6 +16,7 @@ from .opm import OPM, opm_drop_probability, opm_released_theta
 from .pmr import PMR, pmr_coefficients, prototype_log_probs
 from .reconboost import ReconBoost, reconboost_boost_loss, reconboost_ga, reconboost_schedule
 from .relearning import Relearning
+from .umt import UME, UMT, choose_umt_or_ume, ume_combine, umt_distillation_loss
 from .valuation import ValuationResampling, extra_copies
 
 __all__ = ["Regulator", "InfoReg", "Relearning", "OGM", "OPM", "MMPareto", "ValuationResampling",
@@ -28,4 +29,5 @@ __all__ = ["Regulator", "InfoReg", "Relearning", "OGM", "OPM", "MMPareto", "Valu
            "cml_all_pairs_loss", "lfm_alignment", "lfm_fitted_alpha", "gblending_weights",
            "amco_schedule", "joint_softmax_mass", "ReconBoost", "reconboost_boost_loss",
            "reconboost_ga", "reconboost_schedule", "MLA", "mla_fusion_weights",
-           "mla_project_gradient", "mla_projector_update", "mla_step_size"]
+           "mla_project_gradient", "mla_projector_update", "mla_step_size", "UMT", "UME",
+           "choose_umt_or_ume", "ume_combine", "umt_distillation_loss"]

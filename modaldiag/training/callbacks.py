@@ -62,6 +62,8 @@ class StepContext:
     #: per-step squared gradient norm of each encoder, ``{m: float}``, published by a callback
     #: that takes its own optimizer steps (the gradients are gone when the monitor reads them)
     encoder_grad_sq: dict[str, float] | None = None
+    #: whether long work inside a hook (UMT's teacher training) may draw a progress bar
+    progress: bool = False
 
     def compute_unimodal_logits(self) -> dict[str, torch.Tensor]:
         """Unimodal logits ``{m: head(features, present=(m,))}`` (computed once per step)."""

@@ -676,8 +676,9 @@ def fit(
                         last_good=None)
 
     frozen = _frozen_submodules(net)
-    run.start(train_loader, val_loader, epochs)
     show = progress and is_main_process()  # under DDP only rank 0 draws
+    run.ctx.progress = show
+    run.start(train_loader, val_loader, epochs)
     bar = progress_bar(total=epochs, initial=start_epoch, desc="fit", unit="epoch", enabled=show)
     seen_classes: set[int] = set()
     for epoch in range(start_epoch, epochs):

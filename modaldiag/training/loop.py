@@ -339,7 +339,8 @@ class Regulation:
                     if self.amp else contextlib.nullcontext())
         with autocast:
             self._run_forward(model)
-        if not torch.isfinite(ctx.losses["multimodal"]):  # before any hook reads NaN statistics
+        checked = ctx.losses["multimodal"]
+        if not torch.isfinite(checked):  # before any hook reads NaN statistics
             return self._nonfinite()
         if self._need_uni:
             uni = ctx.unimodal_logits
@@ -350,8 +351,10 @@ class Regulation:
             cb.on_after_forward(ctx)
         ctx.loss = sum(ctx.losses.values())
         stats = self.epoch_stats
-        # the multimodal term alone was checked above; only added terms can make the total NaN
-        if len(ctx.losses) > 1 and not torch.isfinite(ctx.loss):
+        # the multimodal term alone was checked above; only added or replaced terms (UME trains
+        # its unimodal terms instead) can make the total non-finite
+        if (len(ctx.losses) > 1 or ctx.losses.get("multimodal") is not checked) and not \
+                torch.isfinite(ctx.loss):
             return self._nonfinite()
         if stats:
             # device tensors, summed without a host sync per step (read once at epoch end)
