@@ -70,6 +70,14 @@ LOGGED = {
     "LFM (learnable)": {"alpha_c", "alpha_a", "alignment", "ce", "h"},
     "GBlending": {"w", "w_fused", "delta_G", "delta_O"},
     "AMCo": {"mass", "dependent", "masked"},
+    "MLA": {"ce", "encoder_grad_sq", "grad_kept", "projector_norm"},
+    "MLA (released)": {"ce", "encoder_grad_sq"},
+    "ReconBoost": {"stage", "phase", "modality", "boost_loss", "q_y", "ga", "ensemble_ce",
+                   "ensemble_acc", "rho"},
+    "UMT": {"distill_mse", "teacher_val_accuracy", "variant", "active"},
+    "UMT (projection)": {"distill_mse", "variant", "active"},
+    "UME": {"unimodal_ce", "unimodal_train_acc", "variant", "combine"},
+    "UME (separate)": {"unimodal_ce", "unimodal_train_acc", "variant", "combine"},
 }
 
 

@@ -98,6 +98,8 @@ def evaluate(model, loader: Iterable, *, baseline: str | None = None,
     ----------
     model : MultimodalModel
     loader : iterable of ``(inputs, labels)``
+        or ``(inputs, labels, present)``: an absent entry's feature is the baseline (fused and
+        unimodal logits alike).
     baseline : {None, "zero", "mean"}, default None
         Absence for the unimodal logits: None uses the model's stored baseline
         (``model.set_baseline``), ``"zero"`` / ``"mean"`` override it (see :func:`shapley`).
@@ -135,6 +137,7 @@ def validate(model, loader: Iterable, *, device=None, predict=None) -> EvalResul
                      light=True)
 
 
+@torch.no_grad()
 def _evaluate(model, loader, baseline, baseline_loader, device, progress: bool,
               desc: str, predict=None, light: bool = False) -> EvalResult:
     net = contract_model(model)

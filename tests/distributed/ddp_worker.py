@@ -39,7 +39,19 @@ REGULATORS = {
     "LFM (learnable)": lambda: md.LFM(schedule="learnable", lr_alpha=1e3, h_over="all"),
     "GBlending": lambda: md.GBlending(super_epoch=1),
     "AMCo": lambda: md.AMCo(),
+    "MLA": lambda: md.MLA(),
+    "MLA (released)": lambda: md.MLA(variant="released"),
+    "ReconBoost": lambda: md.ReconBoost(1, 1),
+    "UMT": lambda: md.UMT(teacher_epochs=1),
+    # a given teacher must be the same on every rank: built from a fixed seed
+    "UMT (projection)": lambda: md.UMT(teachers={"a": (torch.manual_seed(7), torch.nn.Linear(8, 5))[1]},
+                                       projection=True, teacher_epochs=1),
+    "UME": lambda: md.UME(),
+    "UME (separate)": lambda: md.UME(heads="separate"),
 }
+
+#: the head each regulator trains (MLA's gradient projection needs the shared linear head)
+FUSION = {"MLA": "shared", "MLA (released)": "shared"}
 
 
 def data():
@@ -78,6 +90,12 @@ class Snapshot(md.training.Callback):
             snap["alpha_c"] = float(reg.alpha_c)
         if isinstance(reg, md.GBlending):
             snap["weights"] = list(reg.weights or [])
+        if isinstance(reg, md.MLA):
+            snap["projector"] = None if reg.projector is None else float(reg.projector.sum())
+            snap["updates"] = reg.updates
+        if isinstance(reg, md.UMT):
+            snap["teachers"] = [float(p.double().sum()) for t in reg.teachers.values()
+                                for p in t.parameters()]
         owned = getattr(reg, "owned_parameters", None)
         if owned is not None:  # regulator-owned parameters (heads, AMCo's map, cosine weights)
             snap["owned"] = [float(p.detach().double().sum()) for p in owned()]
@@ -133,7 +151,7 @@ def main(out: str) -> None:
     results = {"world": world, "regulators": {}}
     for name, make in REGULATORS.items():
         torch.manual_seed(rank)  # different initial weights per rank: DDP must broadcast rank 0's
-        model = md.models.default_model(d, feature_dim=8)
+        model = md.models.default_model(d, feature_dim=8, fusion=FUSION.get(name, "concat"))
         reg = make()
         snap = Snapshot(reg)
         hist = md.fit(model, d.train, val_loader=shard(d.val, rank, world).loader(64), epochs=3,
