@@ -20,11 +20,11 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $(STAMP)
 
 $(DEV_STAMP): $(STAMP)
-	$(BIN)/pip install --quiet -e ".[dev,lightning]"
+	$(BIN)/pip install --quiet -e ".[dev,lightning,tune,ray]"
 	touch $(DEV_STAMP)
 
 $(BENCH_STAMP): $(DEV_STAMP)
-	$(BIN)/pip install --quiet -e ".[dev,lightning,bench]"
+	$(BIN)/pip install --quiet -e ".[dev,lightning,tune,ray,bench]"
 	touch $(BENCH_STAMP)
 
 demo: $(STAMP)

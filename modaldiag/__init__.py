@@ -7,12 +7,15 @@
 """
 
 from . import datasets, models, probes, regulators, report, training
-from .models import MultimodalClassifier, MultimodalModel, wrap
+from .benchmark import BenchmarkResult, benchmark
+from .models import MidFusionClassifier, MultimodalClassifier, MultimodalModel, wrap
 from .probes import (
     Diagnosis,
+    RobustnessResult,
     diagnose,
     fisher_trace,
     learning_window,
+    robustness,
     separability,
     shapley,
     unimodal_scores,
@@ -30,9 +33,11 @@ from .regulators import (
     UMT,
     AMCo,
     GBlending,
+    Greedy,
     InfoReg,
     MMCosine,
     MMPareto,
+    ModalityDropout,
     ReconBoost,
     Regulator,
     Relearning,
@@ -49,4 +54,6 @@ __all__ = ["MultimodalClassifier", "MultimodalModel", "wrap", "datasets", "model
            "Regulation", "unimodal_scores", "shapley", "fisher_trace", "separability", "diagnose",
            "Diagnosis", "learning_window", "Regulator", "InfoReg", "Relearning", "OGM", "OPM",
            "MMPareto", "ValuationResampling", "AGM", "PMR", "MMCosine", "MBSD", "CML", "LFM",
-           "GBlending", "AMCo", "ReconBoost", "MLA", "UMT", "UME", "set_threads", "__version__"]
+           "GBlending", "AMCo", "ReconBoost", "MLA", "UMT", "UME", "ModalityDropout", "Greedy",
+           "MidFusionClassifier", "robustness", "RobustnessResult", "benchmark", "BenchmarkResult",
+           "set_threads", "__version__"]

@@ -263,6 +263,47 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _methods_list(text: str) -> str:
+    """``all`` or a comma-separated list of method names (each checked, with did-you-mean)."""
+    from .runs import METHODS
+
+    if text == "all":
+        return text
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected 'all' or a comma-separated list of methods")
+    check = _choice(METHODS, "method")
+    return ",".join(check(n) for n in names)
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _cmd_benchmark(args) -> int:
+    from .benchmark import benchmark
+
+    device = _device(args.device)
+    data = args.data[0] if len(args.data) == 1 else list(args.data)
+    res = benchmark(data, args.model, methods=args.methods, seeds=args.seeds, epochs=args.epochs,
+                    out=args.out, jobs=args.jobs, backend=args.backend,
+                    tune_trials=args.tune_trials, robustness=args.robustness,
+                    batch_size=args.batch_size, lr=args.lr, device=device,
+                    threads=args.threads, ray_address=args.ray_address,
+                    progress=not args.quiet, log=_note, command=_command(args))
+    _say(args, res.summary())
+    _say(args, f"leaderboard written to {res.out / 'leaderboard.html'} (table: "
+               f"{res.out / 'leaderboard.csv'}; one row per cell: {res.out / 'cells.csv'}; "
+               f"cached cells: {res.out / 'cells'})")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 THREADS_HELP = ("CPU threads for torch (default: $MODALDIAG_THREADS when set, else the idle "
                 "cores: every core on a quiet machine, 1 when other jobs keep the cores busy; "
@@ -335,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--fusion", type=_choice(FUSIONS, "fusion"), choices=FUSIONS,
                        default=None, metavar="FUSION",
                        help=f"fusion of the default model: {', '.join(FUSIONS)} (default: "
-                            "concat; not with --model)")
+                            "concat; shared for mla, mid for greedy; not with --model)")
     train.add_argument("--batch-size", type=_positive_int, default=64,
                        help="training batch size (loaders returned by --data are used as they "
                             "are)")
@@ -366,6 +407,53 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run folders of one dataset; the first is the baseline")
     comp.add_argument("--out", default="comparison", help="output folder")
     comp.set_defaults(func=_cmd_compare)
+
+    bench = add("benchmark", "compare methods × datasets × seeds under an equal budget "
+                "(resumable)",
+                "Train every method on every dataset for every seed under the same budget "
+                "(epochs, SGD, batch size, encoders; selection on validation; test evaluated "
+                "once), with paired tests against joint training (Holm-corrected). Writes "
+                "leaderboard.html, leaderboard.csv, cells.csv and one cached JSON per finished "
+                "cell; re-running the same command computes only the missing cells. See "
+                "docs/benchmark.md.", parents=(base,))
+    bench.add_argument("--data", nargs="+", required=True, metavar="DATA",
+                       help="one or more datasets: embedded names (see `modaldiag datasets`), "
+                            "'synthetic', MODULE:FUNCTION or path/to/file.py:FUNCTION specs (as "
+                            "for `train --data`), or av_folder root folders")
+    bench.add_argument("--model", metavar="SPEC", default=None,
+                       help="your model: MODULE:FUNCTION or path/to/file.py:FUNCTION taking the "
+                            "splits (default: modaldiag's default encoders, concat fusion)")
+    bench.add_argument("--methods", type=_methods_list, default="all",
+                       help=f"'all' or a comma-separated list of: {', '.join(METHODS)} (joint "
+                            "training, the baseline, is always included)")
+    bench.add_argument("--seeds", type=_positive_int, default=5,
+                       help="number of seeds (0..N-1) per method and dataset")
+    bench.add_argument("--epochs", type=_positive_int, default=30, help="epochs of every cell")
+    bench.add_argument("--batch-size", type=_positive_int, default=64,
+                       help="training batch size of every cell")
+    bench.add_argument("--lr", type=_positive_float, default=0.01,
+                       help="learning rate of every method (SGD, momentum 0.9) when untuned")
+    bench.add_argument("--out", default="bench",
+                       help="benchmark folder (new, empty, or an earlier benchmark to resume)")
+    bench.add_argument("--jobs", type=_positive_int, default=1,
+                       help="cells run in parallel in N local processes (threads per process: "
+                            "--threads, default the cores divided by N)")
+    bench.add_argument("--backend", type=_choice(("local", "ray"), "backend"),
+                       choices=("local", "ray"), default="local", metavar="BACKEND",
+                       help="local (processes on this machine) or ray (every cell a Ray task; "
+                            "pip install modaldiag[ray])")
+    bench.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                       help="the Ray cluster to join (default: $RAY_ADDRESS, else a local "
+                            "instance)")
+    bench.add_argument("--tune-trials", type=_non_negative_int, default=0, metavar="N",
+                       help="tune every method with N Optuna trials on the validation split (the "
+                            "same N for every method; pip install modaldiag[tune]); 0: defaults")
+    bench.add_argument("--robustness", action="store_true",
+                       help="also measure the robustness AUC per modality and corruption on the "
+                            "test split")
+    bench.add_argument("--device", default=None,
+                       help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+    bench.set_defaults(func=_cmd_benchmark)
 
     ds = add("datasets", "list the embedded datasets", "List the embedded datasets.",
              parents=(base,))
@@ -403,7 +491,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         hint = ("; re-run the same command to resume from the last completed epoch"
-                if args.command == "train" else "")
+                if args.command == "train" else
+                "; re-run the same command to resume (finished cells are cached)"
+                if args.command == "benchmark" else "")
         print(f"modaldiag: interrupted{hint}", file=sys.stderr)
         return 130
 

@@ -30,6 +30,7 @@ import torch
 from . import datasets
 from .datasets import DatasetSplits, MultimodalDataset
 from .models import MultimodalModel, default_model
+from .models.midfusion import mid_fusion_model
 from .probes import evaluate
 from .regulators import (
     AGM,
@@ -44,9 +45,11 @@ from .regulators import (
     UMT,
     AMCo,
     GBlending,
+    Greedy,
     InfoReg,
     MMCosine,
     MMPareto,
+    ModalityDropout,
     ReconBoost,
     Relearning,
     ValuationResampling,
@@ -84,24 +87,35 @@ __all__ = ["METHODS", "RUN_KEYS", "make_regulator", "train_run", "load_run", "wo
 #: the configuration that identifies a run: re-running with all of them equal resumes
 #: (``data`` / ``model``: the user's specs, None for an embedded dataset / the default model)
 RUN_KEYS = ("dataset", "data", "model", "method", "epochs", "seed", "fusion", "batch_size", "lr")
-FUSIONS = ("concat", "sum", "film", "gated", "late", "cosine", "shared")
+#: heads of the default model (``"mid"``: mid fusion, :class:`~modaldiag.models.MidFusionClassifier`)
+FUSIONS = ("concat", "sum", "film", "gated", "late", "cosine", "shared", "mid")
 
 METHODS = ("joint", "inforeg", "inforeg-star", "relearning", "ogm", "ogm-ge", "opm", "mmpareto",
            "valuation", "valuation-modality", "agm", "pmr", "mmcosine", "mbsd", "cml", "lfm",
-           "gblending", "amco", "mla", "reconboost", "umt", "ume")
+           "gblending", "amco", "mla", "reconboost", "umt", "ume", "dropout", "greedy")
 METHOD_LABELS = {"joint": "joint training", "inforeg": "InfoReg", "inforeg-star": "InfoReg*",
                  "relearning": "Re-learning", "ogm": "OGM", "ogm-ge": "OGM-GE", "opm": "OPM",
                  "mmpareto": "MMPareto", "valuation": "valuation re-sampling (sample)",
                  "valuation-modality": "valuation re-sampling (modality)", "agm": "AGM",
                  "pmr": "PMR", "mmcosine": "MMCosine", "mbsd": "MBSD", "cml": "CML", "lfm": "LFM",
                  "gblending": "G-Blending", "amco": "AMCo", "mla": "MLA",
-                 "reconboost": "ReconBoost", "umt": "UMT", "ume": "UME"}
+                 "reconboost": "ReconBoost", "umt": "UMT", "ume": "UME",
+                 "dropout": "ModalityDropout", "greedy": "Greedy"}
 
 
 def default_fusion(method: str) -> str:
     """The default model's head for a method: ``"shared"`` for MLA (its gradient projection
-    needs one linear head shared by every modality), ``"concat"`` otherwise."""
-    return "shared" if method == "mla" else "concat"
+    needs one linear head shared by every modality), ``"mid"`` for Greedy (mid fusion,
+    :class:`~modaldiag.models.MidFusionClassifier`), ``"concat"`` otherwise."""
+    return {"mla": "shared", "greedy": "mid"}.get(method, "concat")
+
+
+def default_run_model(data, fusion: str = "concat", feature_dim: int = 64):
+    """The CLI's default model: a :class:`~modaldiag.models.MidFusionClassifier` for
+    ``fusion="mid"`` (Greedy's mid fusion), else :func:`~modaldiag.models.default_model`."""
+    if fusion == "mid":
+        return mid_fusion_model(data)
+    return default_model(data, fusion=fusion, feature_dim=feature_dim)
 
 
 def prediction_rule(regulator, model):
@@ -140,6 +154,8 @@ def make_regulator(method: str, epochs: int):
         "reconboost": lambda: ReconBoost(max(1, min(4, epochs // 8)), max(1, min(4, epochs // 8))),
         "umt": lambda: UMT(teacher_epochs=max(1, epochs // 2)),
         "ume": lambda: UME(),
+        "dropout": lambda: ModalityDropout(p=0.3),
+        "greedy": lambda: Greedy(warmup=min(2, epochs // 3)),
     }[method]()
 
 
@@ -335,7 +351,7 @@ def build_model(spec: str | None, data, *, fusion: str | None = None, search: Se
     model for ``data`` (``fusion``, default "concat"). ValueError when the function returns
     something else than a modaldiag model, or a model whose modalities differ from the data's."""
     if spec is None:
-        return default_model(data, fusion=fusion or "concat")
+        return default_run_model(data, fusion=fusion or "concat")
     fn = load_function(spec, "--model", search=search)
     model = fn(data)
     if not isinstance(model, MultimodalModel):
@@ -417,7 +433,7 @@ class Run:
         if self.config.get("model"):
             model = build_model(self.config["model"], data, search=self._search)
         else:
-            model = default_model(data, fusion=self.config.get("fusion") or "concat",
+            model = default_run_model(data, fusion=self.config.get("fusion") or "concat",
                                   feature_dim=self.config.get("feature_dim", 64))
         state = safe_torch_load(self.path / "model.pt", map_location=device)
         model.load_state_dict(state["model"])
@@ -585,6 +601,10 @@ def train_run(data, method: str, epochs: int, out, *, seed: int = 0, fusion: str
               "epochs": epochs, "seed": seed,
               "fusion": None if model_spec is not None else (fusion or default_fusion(method)),
               "batch_size": batch_size, "lr": float(lr)}
+    if method == "greedy" and model_spec is None and config["fusion"] != "mid":
+        raise ValueError("greedy needs mid fusion (cross-modal connections between encoder "
+                         "stages to re-balance): use --fusion mid (its default) or a --model "
+                         "function returning md.MidFusionClassifier.")
     out = check_output_dir(out, existing_ok=True, option="out")
     work = work_dir(out)
     with DirectoryLock(out):

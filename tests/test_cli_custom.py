@@ -228,7 +228,7 @@ def test_did_you_mean_for_dataset_and_method_typos(tmp_path, capsys):
 
 def test_every_option_of_every_command_has_help_and_its_default():
     sub = build_parser()._subparsers._group_actions[0].choices
-    assert set(sub) == {"demo", "train", "diagnose", "compare", "datasets"}
+    assert set(sub) == {"demo", "train", "diagnose", "compare", "datasets", "benchmark"}
     for name, parser in sub.items():
         text = " ".join(parser.format_help().split())
         for action in parser._actions:

@@ -78,6 +78,9 @@ LOGGED = {
     "UMT (projection)": {"distill_mse", "variant", "active"},
     "UME": {"unimodal_ce", "unimodal_train_acc", "variant", "combine"},
     "UME (separate)": {"unimodal_ce", "unimodal_train_acc", "variant", "combine"},
+    "ModalityDropout": {"drop_rate"},
+    "Greedy": {"bdr", "d_speed", "rebalance_steps", "rebalanced"},
+    "Greedy (random)": {"rebalance_steps", "rebalanced"},
 }
 
 

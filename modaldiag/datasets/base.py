@@ -16,6 +16,7 @@ from ..utils.validation import (
     Satisfies,
     as_plain_int,
     check_modality_names,
+    closest_match,
     validate_params,
 )
 
@@ -80,8 +81,36 @@ def _as_label_tensor(labels) -> torch.Tensor:
     return y.long()
 
 
+def _as_presence(present, modalities: Sequence[str], n: int) -> dict[str, torch.Tensor] | None:
+    """``present`` as ``{m: BoolTensor (N,)}`` (None stays None), or a clear error."""
+    if present is None:
+        return None
+    if not isinstance(present, Mapping):
+        raise TypeError(f"MultimodalDataset: present must be a dict {{modality: bool array (N,)}}; "
+                        f"got {type(present).__name__}.")
+    out = {}
+    for m, flags in present.items():
+        if m not in modalities:
+            close = closest_match(str(m), [str(k) for k in modalities])
+            hint = f" Did you mean {close!r}?" if close else ""
+            raise ValueError(f"MultimodalDataset: present names {m!r}, which is not one of the "
+                             f"modalities {list(modalities)}.{hint}")
+        arr = np.asarray(flags.cpu() if isinstance(flags, torch.Tensor) else flags)
+        if arr.shape != (n,):
+            raise ValueError(f"MultimodalDataset: present[{m!r}] has shape {arr.shape}; expected "
+                             f"({n},): one flag per sample.")
+        if arr.dtype != bool:
+            if arr.dtype.kind not in "iuf" or not np.isin(arr, (0, 1)).all():
+                raise ValueError(f"MultimodalDataset: present[{m!r}] must hold booleans or 0/1 "
+                                 "(1 = the modality is present for that sample).")
+            arr = arr.astype(bool)
+        out[m] = torch.from_numpy(arr.copy())
+    return out
+
+
 class MultimodalDataset(Dataset):
-    """Tensors per modality plus labels; ``ds[i]`` is ``({m: x_m[i]}, y[i])``.
+    """Tensors per modality plus labels; ``ds[i]`` is ``({m: x_m[i]}, y[i])``, or
+    ``({m: x_m[i]}, y[i], {m: present_m[i]})`` when the dataset carries a presence mask.
 
     Parameters
     ----------
@@ -96,9 +125,18 @@ class MultimodalDataset(Dataset):
     class_names : sequence of str, optional
         One name per class (``len(class_names) == num_classes``).
     name : str, default ""
+    present : dict[str, bool array (N,)], optional
+        Per-sample presence of some modalities (True or 1 = present; a modality left out is
+        present for every sample). With it, items and batches are 3-tuples
+        ``(inputs, labels, present)``: training and every probe replace the features of absent
+        entries by the model's baseline. The input row of an absent entry is a placeholder the
+        encoder still runs on (its output is discarded): keep it finite and neutral (zeros for
+        standardised inputs).
 
     Attributes
     ----------
+    present : dict[str, BoolTensor (N,)] or None
+        The presence mask (None: every modality present for every sample).
     split : str or None
         ``"train"``, ``"val"`` or ``"test"`` when the dataset belongs to a :class:`DatasetSplits`
         (reports name the split of every number from it), else None.
@@ -122,7 +160,7 @@ class MultimodalDataset(Dataset):
     def __init__(self, inputs: Mapping[str, torch.Tensor | np.ndarray],
                  labels: torch.Tensor | np.ndarray | Sequence[int], *,
                  num_classes: int | None = None, class_names: Sequence[str] | None = None,
-                 name: str = ""):
+                 name: str = "", present: Mapping[str, Sequence[bool]] | None = None):
         num_classes = as_plain_int(num_classes)
         validate_params(self._parameter_constraints, {"inputs": inputs, "num_classes": num_classes,
                                                       "class_names": class_names, "name": name},
@@ -155,17 +193,19 @@ class MultimodalDataset(Dataset):
                 "pass the right num_classes.")
         self.num_classes = int(num_classes)
         self.name = name
+        self.present = _as_presence(present, self.modalities, n)
         #: which split this is ("train", "val", "test"), set by DatasetSplits; None otherwise
         self.split: str | None = None
 
     @classmethod
     def _from_checked(cls, inputs: dict[str, torch.Tensor], labels: torch.Tensor, *,
                       num_classes: int, class_names: list[str] | None,
-                      name: str) -> MultimodalDataset:
+                      name: str, present: dict[str, torch.Tensor] | None = None
+                      ) -> MultimodalDataset:
         """A dataset from tensors that were already checked (may be empty: a subset)."""
         ds = cls.__new__(cls)
         ds.modalities = tuple(inputs)
-        ds.inputs, ds.labels = inputs, labels
+        ds.inputs, ds.labels, ds.present = inputs, labels, present
         ds.num_classes, ds.class_names, ds.name = num_classes, class_names, name
         return ds
 
@@ -173,7 +213,7 @@ class MultimodalDataset(Dataset):
         return int(self.labels.shape[0])
 
     def __getitem__(self, index):
-        return {m: x[index] for m, x in self.inputs.items()}, self.labels[index]
+        return _item(self, index)
 
     @property
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -186,9 +226,12 @@ class MultimodalDataset(Dataset):
         if idx.numel() and (int(idx.min()) < -len(self) or int(idx.max()) >= len(self)):
             raise ValueError(f"subset indices must lie in [0, {len(self)}); got values from "
                              f"{int(idx.min())} to {int(idx.max())}.")
+        present = getattr(self, "present", None)
         return type(self)._from_checked({m: x[idx] for m, x in self.inputs.items()},
                                         self.labels[idx], num_classes=self.num_classes,
-                                        class_names=self.class_names, name=self.name)
+                                        class_names=self.class_names, name=self.name,
+                                        present=None if present is None else
+                                        {m: p[idx] for m, p in present.items()})
 
     def loader(self, batch_size: int = 64, shuffle: bool = False, drop_last: bool = False,
                generator: torch.Generator | None = None) -> DataLoader:
@@ -215,8 +258,17 @@ class _BatchView(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, indices):
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return {m: x[idx] for m, x in self.dataset.inputs.items()}, self.dataset.labels[idx]
+        return _item(self.dataset, torch.as_tensor(indices, dtype=torch.long))
+
+
+def _item(dataset: MultimodalDataset, index):
+    """``(inputs, labels)`` at ``index`` (an int or an index tensor), with the presence mask as a
+    third item when the dataset carries one."""
+    inputs = {m: x[index] for m, x in dataset.inputs.items()}
+    present = getattr(dataset, "present", None)
+    if present is None:
+        return inputs, dataset.labels[index]
+    return inputs, dataset.labels[index], {m: p[index] for m, p in present.items()}
 
 
 def loader_dataset(loader):

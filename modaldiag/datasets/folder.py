@@ -10,6 +10,13 @@ Layout (names configurable)::
 
 Each sample is ``({"audio": (1, F, T), "visual": (num_frames, 3, H, W)}, label)``.
 
+Missing modalities: a header row naming ``audio_present`` and/or ``visual_present`` columns
+(``clip,label,audio_present,visual_present``, values 0/1) marks per clip which modalities it has.
+A clip's absent modality needs no file: its input is a zero placeholder (zeros of the
+spectrogram's shape; for frames, zeros after ImageNet normalisation, i.e. the mean image) and
+every sample is then ``(inputs, label, {"audio": bool, "visual": bool})``, so training and probes
+replace its features by the model's baseline.
+
 Safety: every path is resolved (symlinks followed) and anything that lands outside ``root`` (the
 CSV, the sub-folders, a clip folder, a spectrogram or a frame file) is refused. ``.npy`` files are
 read with ``allow_pickle=False`` after their header has been checked against the file size, so a
@@ -42,6 +49,7 @@ from ..utils.validation import (
     Interval,
     Satisfies,
     as_plain_int,
+    closest_match,
     validate_params,
 )
 from .base import DatasetSplits
@@ -98,6 +106,54 @@ def _inside(root: Path, relative: str, what: str, *, base: Path | None = None) -
 
 def _read_csv(path: Path) -> list[tuple[str, str]]:
     """``(clip id, label)`` rows of a clip list, the first row included (see ``header``)."""
+    rows = []
+    for lineno, row in _csv_rows(path):
+        if len(row) < 2:
+            raise ValueError(f"{path.name}:{lineno}: expected '<clip id>,<label>'; got {row!r}.")
+        clip, label = row[0].strip(), row[1].strip()
+        if not clip or not label:
+            raise ValueError(f"{path.name}:{lineno}: empty clip id or label in {row!r}.")
+        rows.append((clip, label))
+    return rows
+
+
+def _presence_columns(path: Path, modalities: Sequence[str]) -> dict[str, list[bool]] | None:
+    """Per-row presence flags from the ``<modality>_present`` columns named in the CSV's first
+    row (the header), or None when the first row names no such column."""
+    table = _csv_rows(path)
+    if not table:
+        return None
+    head_line, head = table[0]
+    names = [f"{m}_present" for m in modalities]
+    columns = {i: c.strip() for i, c in enumerate(head) if c.strip().lower().endswith("_present")}
+    if not columns:
+        typo = next((c.strip() for c in head[2:] if closest_match(c.strip(), names)), None)
+        if typo is not None:
+            raise ValueError(f"{path.name}:{head_line}: column {typo!r} is not a presence column; "
+                             f"did you mean {closest_match(typo, names)!r}? Presence columns are "
+                             f"named {names}.")
+        return None
+    out: dict[str, list[bool]] = {}
+    for i, name in columns.items():
+        if name not in names:
+            close = closest_match(name, names)
+            hint = f" Did you mean {close!r}?" if close else ""
+            raise ValueError(f"{path.name}:{head_line}: column {name!r} names no modality; the "
+                             f"presence columns are {names}.{hint}")
+        flags = []
+        for lineno, row in table[1:]:
+            value = row[i].strip() if i < len(row) else ""
+            if value not in ("0", "1"):
+                raise ValueError(
+                    f"{path.name}:{lineno}: column {name!r} must be 0 or 1 (1 = the clip has this "
+                    f"modality, 0 = it is missing); got {value!r}.")
+            flags.append(value == "1")
+        out[name[: -len("_present")]] = flags
+    return out
+
+
+def _csv_rows(path: Path) -> list[tuple[int, list[str]]]:
+    """``(line number, cells)`` of every non-empty row of a CSV file."""
     if not path.is_file():
         raise ValueError(f"clip list {str(path)!r} does not exist.")
     try:
@@ -109,17 +165,8 @@ def _read_csv(path: Path) -> list[tuple[str, str]]:
         parsed = list(csv.reader(io.StringIO(text, newline="")))
     except csv.Error as exc:
         raise ValueError(f"clip list {path.name!r} is not a valid CSV: {exc}.") from None
-    rows = []
-    for lineno, row in enumerate(parsed, start=1):
-        if not row or all(not c.strip() for c in row):
-            continue
-        if len(row) < 2:
-            raise ValueError(f"{path.name}:{lineno}: expected '<clip id>,<label>'; got {row!r}.")
-        clip, label = row[0].strip(), row[1].strip()
-        if not clip or not label:
-            raise ValueError(f"{path.name}:{lineno}: empty clip id or label in {row!r}.")
-        rows.append((clip, label))
-    return rows
+    return [(lineno, row) for lineno, row in enumerate(parsed, start=1)
+            if row and any(c.strip() for c in row)]
 
 
 def _npy_header(path: Path, clip: str) -> tuple[tuple[int, ...], np.dtype]:
@@ -196,7 +243,8 @@ class AVFolderDataset(Dataset):
     def __init__(self, root, csv_file: str = "train.csv", *, audio_dir: str = "audio",
                  visual_dir: str = "visual", num_frames: int = 3, image_size: int = 112,
                  audio_length: int | None = None, class_names: Sequence[str] | None = None,
-                 header: bool | None = None, _rows: list[tuple[str, str]] | None = None):
+                 header: bool | None = None, _rows: list[tuple[str, str]] | None = None,
+                 _present: dict[str, list[bool]] | None = None):
         num_frames, image_size, audio_length = (
             as_plain_int(v) for v in (num_frames, image_size, audio_length))
         validate_params(_parameter_constraints, {
@@ -210,14 +258,26 @@ class AVFolderDataset(Dataset):
         self.visual_root = _inside(self.root, visual_dir, "visual_dir")
         self.csv_file, self.audio_dir, self.visual_dir = csv_file, audio_dir, visual_dir
         self.num_frames, self.image_size, self.audio_length = num_frames, image_size, audio_length
+        self._audio_shape: tuple[int, ...] | None = None
         if _rows is None:
-            rows = _read_csv(_inside(self.root, csv_file, "csv_file"))
-            rows = self._drop_header(rows, header, class_names)
+            path = _inside(self.root, csv_file, "csv_file")
+            rows = _read_csv(path)
+            present = _presence_columns(path, self.modalities)
+            if present is None:
+                rows = self._drop_header(rows, header, class_names)
+            elif header is False:
+                raise ValueError(
+                    f"clip list {csv_file!r}: header=False but its first row names presence "
+                    f"columns {[f'{m}_present' for m in present]}; drop header=False (a CSV with "
+                    "presence columns starts with its header row).")
+            else:
+                rows = rows[1:]
             if not rows:
                 raise ValueError(f"clip list {csv_file!r} lists no clips.")
-            self._check_spectrograms(rows, first_may_be_header=header is None)
+            self.present = present
+            self._check_spectrograms(rows, first_may_be_header=header is None and present is None)
         else:
-            rows = _rows
+            rows, self.present = _rows, _present
         self.rows = rows
         labels = sorted({label for _, label in self.rows})
         self.class_names = list(class_names) if class_names is not None else labels
@@ -255,6 +315,8 @@ class AVFolderDataset(Dataset):
         """Read every spectrogram's header (not its data): valid, and shapes that can batch."""
         first: tuple[str, tuple[int, ...]] | None = None
         for i, (clip, _) in enumerate(rows):
+            if not self._has(i, "audio"):
+                continue
             try:
                 path = self._spectrogram_path(clip)
             except ValueError as exc:
@@ -265,6 +327,7 @@ class AVFolderDataset(Dataset):
             shape, _ = _npy_header(path, clip)
             if first is None:
                 first = (clip, shape)
+                self._audio_shape = shape
                 continue
             ref_clip, ref = first
             if shape[0] != ref[0]:
@@ -324,13 +387,37 @@ class AVFolderDataset(Dataset):
             frames.append((arr - _MEAN) / _STD)
         return torch.from_numpy(np.stack(frames))
 
+    def _has(self, index: int, modality: str) -> bool:
+        """Whether clip ``index`` has ``modality`` (always, without presence columns)."""
+        present = getattr(self, "present", None)
+        return present is None or modality not in present or present[modality][index]
+
+    def _placeholder(self, modality: str) -> torch.Tensor:
+        """Zeros shaped like the modality's input: the input of a clip where it is absent."""
+        if modality == "visual":
+            return torch.zeros(self.num_frames, 3, self.image_size, self.image_size)
+        if self._audio_shape is None:
+            clip = next((c for i, (c, _) in enumerate(self.rows) if self._has(i, "audio")), None)
+            if clip is None:
+                raise ValueError("every clip has audio_present=0: there is no spectrogram to take "
+                                 "the placeholder's shape from.")
+            self._audio_shape = _npy_header(self._spectrogram_path(clip), clip)[0]
+        f, t = self._audio_shape
+        return torch.zeros(1, f, self.audio_length or t)
+
     def __getitem__(self, index):
         clip, _ = self.rows[index]
-        return {"audio": self._audio(clip), "visual": self._frames(clip)}, self.labels[index]
+        inputs = {"audio": self._audio(clip) if self._has(index, "audio") else self._placeholder("audio"),
+                  "visual": self._frames(clip) if self._has(index, "visual")
+                  else self._placeholder("visual")}
+        if getattr(self, "present", None) is None:
+            return inputs, self.labels[index]
+        return inputs, self.labels[index], {m: torch.tensor(flags[index])
+                                            for m, flags in self.present.items()}
 
     @property
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
-        inputs, _ = self[0]
+        inputs = self[0][0]
         return {m: tuple(x.shape) for m, x in inputs.items()}
 
     def subset(self, indices) -> AVFolderDataset:
@@ -338,7 +425,9 @@ class AVFolderDataset(Dataset):
                                visual_dir=self.visual_dir, num_frames=self.num_frames,
                                image_size=self.image_size, audio_length=self.audio_length,
                                class_names=self.class_names,
-                               _rows=[self.rows[int(i)] for i in indices])
+                               _rows=[self.rows[int(i)] for i in indices],
+                               _present=None if self.present is None else
+                               {m: [f[int(i)] for i in indices] for m, f in self.present.items()})
 
     def loader(self, batch_size: int = 16, shuffle: bool = False, num_workers: int = 0) -> DataLoader:
         """A DataLoader over the clips (``batch_size`` >= 1, ``num_workers`` >= 0)."""

@@ -77,7 +77,11 @@ def synthetic(
     where the prototypes ``P_m[c]`` are random unit vectors in ``R^dims[m]``, ``eps ~ N(0, I)``,
     and ``y'`` is ``y`` except with probability ``label_noise[m]`` a uniformly random class (the
     modality is then uninformative for that sample). With probability ``missing_rate[m]`` the
-    modality is missing: its input is all zeros (``info["missing"][m]`` holds the mask).
+    modality is missing for a sample (``info["missing"][m]`` holds the mask per split): when any
+    missing rate is > 0 the datasets carry the presence mask (``present[m] = ~missing``) and yield
+    ``(inputs, labels, present)``, so training and probes replace the missing entries by the
+    model's baseline; the input row of a missing entry is a zero placeholder (the mean of the
+    inputs' distribution up to the class signal) that the encoder runs on but nothing reads.
 
     Parameters
     ----------
@@ -132,8 +136,11 @@ def synthetic(
             f"synthetic: n_samples={n_samples} is too small for {num_classes} classes and splits "
             f"{tuple(splits)}: the {'/'.join(empty)} split would be empty. Use a larger n_samples "
             f"(e.g. {suggest}).")
+    masked = [m for m in modalities if missing_m[m] > 0]
     sets = [MultimodalDataset({m: inputs[m][p] for m in modalities}, y[p], num_classes=num_classes,
-                              name="synthetic") for p in parts]
+                              name="synthetic",
+                              present={m: ~missing[m][p] for m in masked} if masked else None)
+            for p in parts]
     info = {"strength": strength, "dims": dims_m, "noise": noise_m, "label_noise": label_noise_m,
             "missing_rate": missing_m, "seed": seed,
             "missing": {m: [missing[m][p] for p in parts] for m in modalities}}

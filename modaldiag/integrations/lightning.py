@@ -35,7 +35,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from ..training.callbacks import Callback
 from ..training.loop import Regulation
-from ..utils.validation import BOOL, NON_NEGATIVE, InstanceOf, unpack_batch, validate_params
+from ..utils.validation import BOOL, NON_NEGATIVE, InstanceOf, unpack_batch_present, validate_params
 
 __all__ = ["ModalDiagCallback", "ModalDiagModule", "modaldiag_loss"]
 
@@ -122,11 +122,13 @@ class ModalDiagCallback(pl.Callback):
     def training_loss(self, batch) -> torch.Tensor:
         """The loss of one training batch with every regulator term (called by the module).
 
-        ``batch`` is ``(inputs: dict[str, Tensor], labels)``; anything else raises a ValueError
+        ``batch`` is ``(inputs: dict[str, Tensor], labels)`` or ``(inputs, labels, present)`` with
+        a per-sample presence mask (absent entries become the baseline); anything else raises a ValueError
         that shows how to adapt the loader (``md.datasets.adapt_loader``)."""
         run = self.run
-        inputs, labels = unpack_batch(batch, run.model.modalities, batch_index=run.ctx.batch_index)
-        loss = run.forward_loss(inputs, labels)
+        inputs, labels, present = unpack_batch_present(batch, run.model.modalities,
+                                                       batch_index=run.ctx.batch_index)
+        loss = run.forward_loss(inputs, labels, present)
         if loss is None:  # non-finite and skipped: contribute nothing
             return torch.zeros((), device=labels.device, requires_grad=True)
         owner = run._backward_owner
@@ -182,8 +184,10 @@ def modaldiag_loss(pl_module, batch) -> torch.Tensor:
     cb = next((c for c in callbacks if isinstance(c, ModalDiagCallback)), None)
     if cb is None or cb.run is None:
         model = pl_module.model
-        inputs, labels = unpack_batch(batch, getattr(model, "modalities", None))
-        return torch.nn.functional.cross_entropy(model(inputs), labels)
+        inputs, labels, present = unpack_batch_present(batch, getattr(model, "modalities", None))
+        logits = (model(inputs) if present is None
+                  else model.head(model.mask_features(model.encode(inputs), present)))
+        return torch.nn.functional.cross_entropy(logits, labels)
     return cb.training_loss(batch)
 
 

@@ -5,12 +5,13 @@ from .classifier import MultimodalClassifier
 from .contract import MultimodalModel
 from .encoders import Conv1dEncoder, Conv2dEncoder, FrameEncoder, MLPEncoder, encoder_for_shape
 from .fusion import FUSIONS, CosineFusion
+from .midfusion import MidFusionClassifier, mid_fusion_model
 from .wrap import WrappedModel, wrap
 
 __all__ = ["MultimodalModel", "MultimodalClassifier", "WrappedModel", "wrap", "FUSIONS",
            "CosineFusion",
            "MLPEncoder", "Conv1dEncoder", "Conv2dEncoder", "FrameEncoder", "encoder_for_shape",
-           "default_model"]
+           "default_model", "MidFusionClassifier", "mid_fusion_model"]
 
 
 def default_model(data, fusion: str = "concat", feature_dim: int = 64, **kwargs) -> MultimodalClassifier:

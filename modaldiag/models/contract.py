@@ -3,7 +3,9 @@
 Invariant: *absence is a feature-level substitution*. ``head(features, present=S)`` replaces the
 feature of every modality outside ``S`` by its baseline (zeros by default, or a stored
 per-modality mean) and runs the ordinary fusion. Unimodal logits, Shapley coalitions, OPM feature
-dropping and valuation re-sampling all go through this one rule, for every fusion type.
+dropping and valuation re-sampling all go through this one rule, for every fusion type. A
+modality missing for some *samples* (per-sample presence masks from the data, or
+ModalityDropout) is the same rule row by row: :meth:`MultimodalModel.mask_features`.
 
 Invariant: parameters belong to a modality by *module identity* (``model.encoders[m]``).
 """
@@ -26,7 +28,7 @@ from ..utils.validation import (
     check_logits,
     check_modality_names,
     check_present,
-    unpack_batch,
+    unpack_batch_present,
     validate_params,
 )
 from .names import modality_key
@@ -153,6 +155,26 @@ class MultimodalModel(nn.Module):
                 f"its features have shape {tuple(feature.shape)}; a baseline is one feature vector "
                 f"of shape {tuple(feature.shape[1:])}. Set it again with model.set_baseline(...).")
         return stored.to(dtype=feature.dtype, device=feature.device).expand_as(feature)
+
+    def mask_features(self, features: Mapping[str, torch.Tensor],
+                      present: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """``features`` with the rows of absent samples replaced by each modality's baseline.
+
+        ``present`` is a per-sample mask ``{m: BoolTensor (B,)}`` (True = present; a modality
+        left out is present everywhere), as loaders yield in ``(inputs, labels, present)``.
+        Absent rows become :meth:`absent_feature` through ``torch.where``, so nothing downstream
+        (head, unimodal logits, regulators, losses) reads them and the encoder of an absent
+        modality gets no gradient from that sample. Identity (the same dict) when ``present`` is
+        None or all True.
+        """
+        if not present:
+            return features
+        out = dict(features)
+        for m, mask in present.items():
+            f = out[m]
+            keep = mask.to(device=f.device, dtype=torch.bool).view(-1, *([1] * (f.dim() - 1)))
+            out[m] = torch.where(keep, f, self.absent_feature(m, f))
+        return out
 
     def head(
         self, features: Mapping[str, torch.Tensor], present: Iterable[str] | str | None = None
@@ -338,24 +360,40 @@ class MultimodalModel(nn.Module):
     def mean_features(self, loader: Iterable) -> dict[str, torch.Tensor]:
         """Mean encoder output per modality over ``loader`` (eval mode, streaming).
 
-        Every submodule's train/eval mode (and the global RNG state) ends as it was found.
+        With a per-sample presence mask (``(inputs, labels, present)`` batches) each modality's
+        mean is over the samples where it is present: placeholder inputs of absent samples never
+        enter the baseline. Every submodule's train/eval mode (and the global RNG state) ends as
+        it was found.
         """
         sums: dict[str, torch.Tensor] = {}
-        count = 0
+        counts: dict[str, torch.Tensor] = {}
         device = _module_device(self)
         with preserved_state(self):
             self.eval()
             for index, batch in enumerate(loader):
-                inputs, _ = unpack_batch(batch, self.modalities, batch_index=index)
+                inputs, _, present = unpack_batch_present(batch, self.modalities, batch_index=index)
                 feats = self.encode({m: x.to(device) for m, x in inputs.items()})
                 for m, f in feats.items():
+                    keep = (present or {}).get(m)
+                    if keep is not None:
+                        keep = keep.to(f.device)
+                        f = f[keep]
                     s = f.double().sum(0)
+                    n = torch.tensor([float(f.shape[0])], dtype=torch.float64)
                     sums[m] = s if m not in sums else sums[m] + s
-                count += next(iter(feats.values())).shape[0]
-        total = all_reduce_sum(torch.tensor([float(count)], dtype=torch.float64))
-        if total.item() == 0:
+                    counts[m] = n if m not in counts else counts[m] + n
+        if not counts:
             raise ValueError("the loader is empty: cannot compute mean features.")
-        return {m: (all_reduce_sum(s) / total).float() for m, s in sums.items()}
+        out = {}
+        for m, s in sums.items():
+            total = all_reduce_sum(counts[m].to(s.device))
+            if total.item() == 0:
+                raise ValueError(
+                    f"modality {m!r} is absent from every sample of the loader (presence mask): "
+                    "cannot compute its mean feature. Pass a loader where it is present, or set "
+                    "its baseline by hand: model.set_baseline({m: tensor}).")
+            out[m] = (all_reduce_sum(s) / total).float()
+        return out
 
     # ------------------------------------------------------------------ parameters
     def modality_parameters(self, modality: str) -> Iterator[nn.Parameter]:

@@ -6,6 +6,12 @@ Every probe runs in eval mode and leaves the model (every submodule's mode, ``re
 it with ``baseline="zero"`` or ``"mean"``; every result records the kind it used.
 """
 
+from .conditional import (
+    ConditionalUtilization,
+    conditional_utilization,
+    conditional_utilization_rates,
+    utilization_difference,
+)
 from .diagnose import (
     Diagnosis,
     Evidence,
@@ -24,6 +30,7 @@ from .fisher import (
     grad_sq_norms,
 )
 from .recommend import METHOD_PAGES, recommend
+from .robustness import CORRUPTIONS, RobustnessResult, robustness, robustness_auc
 from .separability import (
     Separability,
     collect_features,
@@ -53,4 +60,7 @@ __all__ = [
     "diagnose", "Diagnosis", "Evidence", "under_optimisation",
     "ShapleySummary", "split_of", "recommend", "METHOD_PAGES", "ProbeIntervals", "Verdict",
     "bootstrap_intervals", "decide", "combine", "seed_intervals",
+    "robustness", "RobustnessResult", "robustness_auc", "CORRUPTIONS",
+    "conditional_utilization", "ConditionalUtilization", "conditional_utilization_rates",
+    "utilization_difference",
 ]

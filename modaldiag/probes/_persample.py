@@ -39,6 +39,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 __all__ = ["UnsupportedByHooks", "encoder_parameters", "hooks_blocker", "hook_sq_norms",
+           "masked_logits",
            "vmap_sq_norms", "loop_sq_norms"]
 
 _SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
@@ -174,14 +175,28 @@ def _layer_grads(mod: nn.Module, a: torch.Tensor, g: torch.Tensor
     return out
 
 
+def masked_logits(net, inputs: Mapping[str, torch.Tensor],
+                  present: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """``net(inputs)``, with the features of absent samples (presence mask ``{m: (B,)}``) replaced
+    by the baseline: an absent modality's encoder then gets exactly zero gradient from them."""
+    if present is None:
+        return net(inputs)
+    return net(inputs, step=lambda model, x: model.head(model.mask_features(model.encode(x),
+                                                                            present)))
+
+
+def _slice_present(present, start: int, stop: int):
+    return None if present is None else {m: t[start:stop] for m, t in present.items()}
+
+
 def _forward_loss(net, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor,
-                  reduction: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
-    logits = net(inputs)
+                  reduction: str = "sum", present=None) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = masked_logits(net, inputs, present)
     return logits, F.cross_entropy(logits, labels, reduction=reduction)
 
 
-def hook_sq_norms(net, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor
-                  ) -> dict[str, torch.Tensor]:
+def hook_sq_norms(net, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor,
+                  present: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """``{m: (B,)}`` per-sample squared gradient norms from one forward and one backward pass.
 
     Raises :class:`UnsupportedByHooks` (naming the module and the cause) whenever the result
@@ -208,7 +223,7 @@ def hook_sq_norms(net, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor
     handles = [mod.register_forward_hook(forward_hook) for _, _, mod in layers]
     try:
         with torch.enable_grad():
-            logits, loss = _forward_loss(net, inputs, labels)
+            logits, loss = _forward_loss(net, inputs, labels, present=present)
             params = [p for _, p, _ in entries]
             true_grads = (torch.autograd.grad(loss, params, allow_unused=True)
                           if params and loss.requires_grad else [None] * len(params))
@@ -237,7 +252,8 @@ def hook_sq_norms(net, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor
     if n > 1:
         sub = 2 if n > 2 else 1
         with torch.no_grad():
-            alone = net({m: x[:sub] for m, x in inputs.items()})
+            alone = masked_logits(net, {m: x[:sub] for m, x in inputs.items()},
+                                  _slice_present(present, 0, sub))
         ref = logits.detach()[:sub]
         if not torch.allclose(alone.float(), ref.float(), rtol=1e-4,
                               atol=1e-5 * max(1.0, float(ref.abs().max()))):
@@ -292,7 +308,8 @@ def _parameter_slots(net, wanted: set[int]) -> dict[int, list[str]]:
 
 
 def vmap_sq_norms(net, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor,
-                  chunk_size: int) -> dict[str, torch.Tensor]:
+                  chunk_size: int, present: Mapping[str, torch.Tensor] | None = None
+                  ) -> dict[str, torch.Tensor]:
     """``{m: (B,)}`` per-sample squared gradient norms with ``torch.func`` (vmap over samples).
 
     ``chunk_size`` samples per vectorised call bound the memory. A parameter used by several
@@ -305,19 +322,23 @@ def vmap_sq_norms(net, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor,
     frozen = {name: p.detach() for p in net.parameters() if id(p) not in trained
               for name in slots.get(id(p), [])}
 
-    def loss_one(params, x, y):
+    def loss_one(params, x, y, pres=None):
         batch = {m: t.unsqueeze(0) for m, t in x.items()}
-        logits = functional_call(net, {**frozen, **params}, (batch,), tie_weights=False,
+        kwargs = {} if pres is None else {"step": lambda model, inp: model.head(
+            model.mask_features(model.encode(inp), {m: t.unsqueeze(0) for m, t in pres.items()}))}
+        logits = functional_call(net, {**frozen, **params}, (batch,), kwargs, tie_weights=False,
                                  strict=False)
         return F.cross_entropy(logits, y.unsqueeze(0))
 
-    per_grad = vmap(grad(loss_one), in_dims=(None, 0, 0), randomness="error")
+    per_grad = vmap(grad(loss_one), in_dims=(None, 0, 0) if present is None else (None, 0, 0, 0),
+                    randomness="error")
     n = labels.shape[0]
     out = {m: torch.zeros(n, device=labels.device) for m in net.modalities}
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
         x = {m: t[start:stop] for m, t in inputs.items()}
-        grads = per_grad(trainable, x, labels[start:stop])
+        extra = () if present is None else (_slice_present(present, start, stop),)
+        grads = per_grad(trainable, x, labels[start:stop], *extra)
         for _, p, owners in entries:
             names = slots.get(id(p), [])
             if not names:
@@ -329,8 +350,8 @@ def vmap_sq_norms(net, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor,
     return out
 
 
-def loop_sq_norms(net, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor
-                  ) -> dict[str, torch.Tensor]:
+def loop_sq_norms(net, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor,
+                  present: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """``{m: (B,)}`` per-sample squared gradient norms, one forward and backward per sample."""
     entries = encoder_parameters(net)
     params = [p for _, p, _ in entries]
@@ -338,7 +359,8 @@ def loop_sq_norms(net, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor
     out = {m: torch.zeros(n, device=labels.device) for m in net.modalities}
     for i in range(n):
         with torch.enable_grad():
-            _, loss = _forward_loss(net, {m: x[i:i + 1] for m, x in inputs.items()}, labels[i:i + 1])
+            _, loss = _forward_loss(net, {m: x[i:i + 1] for m, x in inputs.items()}, labels[i:i + 1],
+                                    present=_slice_present(present, i, i + 1))
             if not params or not loss.requires_grad:
                 continue
             grads = torch.autograd.grad(loss, params, allow_unused=True)

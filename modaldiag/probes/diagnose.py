@@ -51,7 +51,7 @@ from ..utils.validation import (
     Interval,
     Options,
     Satisfies,
-    unpack_batch,
+    unpack_batch_present,
     validate_params,
 )
 from ._common import (
@@ -62,8 +62,17 @@ from ._common import (
     contract_model,
     probe_state,
 )
+from .conditional import ConditionalUtilization, conditional_from_cache
 from .fisher import FISHER_FORMS, fisher_trace
 from .recommend import recommend
+from .robustness import (
+    CORRUPTIONS,
+    DEFAULT_SEVERITIES,
+    RobustnessResult,
+    cache_features,
+    robustness_from_cache,
+    split_of,
+)
 from .separability import Separability, _separability, collect_features, linear_probe_accuracy
 from .shapley import ShapleyValues, shapley
 from .unimodal import EvalResult, UnimodalScore, _evaluate
@@ -88,7 +97,9 @@ __all__ = ["diagnose", "Diagnosis", "Evidence", "ShapleySummary", "under_optimis
 _RENDERERS: dict = {}
 #: the files Diagnosis.save writes (it refuses to overwrite them in a folder it did not create)
 _REPORT_FILES = {"diagnosis.json", "diagnosis.csv", "per_class.csv", "report.html",
-                 *(f"{stem}.{ext}" for stem in ("unimodal", "shapley", "separability")
+                 "robustness.csv",
+                 *(f"{stem}.{ext}" for stem in ("unimodal", "shapley", "separability",
+                                                 "robustness", "conditional_speed")
                    for ext in ("png", "svg"))}
 
 
@@ -216,6 +227,8 @@ class Diagnosis:
     split: str = "unnamed"
     n: int = 0
     copies: tuple[tuple[str, str], ...] = ()
+    robustness: RobustnessResult | None = None
+    conditional_utilization: ConditionalUtilization | None = None
 
     @property
     def starved(self) -> str | None:
@@ -251,6 +264,9 @@ class Diagnosis:
             "under_optimisation": self.under_optimisation,
             "per_class": {str(c): v for c, v in self.per_class.items()},
             "summary": self.summary, "config": self.config,
+            "robustness": self.robustness.to_dict() if self.robustness is not None else None,
+            "conditional_utilization": (self.conditional_utilization.to_dict()
+                                        if self.conditional_utilization is not None else None),
         }
 
     @classmethod
@@ -284,7 +300,10 @@ class Diagnosis:
             list(d.get("ranking", [])),
             {p: ProbeIntervals.from_dict(iv) for p, iv in (d.get("intervals") or {}).items()},
             [dict(r) for r in d.get("recommendations", [])], d.get("split", "unnamed"),
-            int(d.get("n", u["n"])), tuple(tuple(p) for p in d.get("copies", [])))
+            int(d.get("n", u["n"])), tuple(tuple(p) for p in d.get("copies", [])),
+            RobustnessResult.from_dict(d["robustness"]) if d.get("robustness") else None,
+            (ConditionalUtilization.from_dict(d["conditional_utilization"])
+             if d.get("conditional_utilization") else None))
 
     def to_frame(self) -> pd.DataFrame:
         """One row per (probe, modality): ``probe, modality, value, ci_low, ci_high, split, n``.
@@ -292,7 +311,9 @@ class Diagnosis:
         Probes: fused accuracy (modality ``"fused"``), unimodal accuracy and mean Shapley (with
         their bootstrap interval), low-contribution share, Fisher trace, k-means purity (one row
         per split), linear probe (split = where it was scored), under-optimisation (joint, alone,
-        gap). ``ci_low``/``ci_high`` are NaN where nothing was bootstrapped.
+        gap), robustness AUC per corruption (``"robustness AUC (missing)"``, with its bootstrap
+        interval), conditional utilisation. ``ci_low``/``ci_high`` are NaN where nothing was
+        bootstrapped.
         """
         nan = float("nan")
         rows = [("fused accuracy", "fused", self.fused_accuracy, nan, nan, self.split, self.n)]
@@ -311,6 +332,14 @@ class Diagnosis:
             rows.append(("purity", m, s.val_purity, nan, nan, s.val_split, s.n_val))
             if s.linear_probe is not None:
                 rows.append(("linear probe", m, s.linear_probe, nan, nan, s.val_split, s.n_val))
+        rob = self.robustness
+        for c in (rob.corruptions if rob is not None else ()):
+            for m in rob.modalities:
+                rows.append((f"robustness AUC ({c})", m, rob.auc[c][m], rob.auc_low[c][m],
+                             rob.auc_high[c][m], rob.split, rob.n))
+        cu = self.conditional_utilization
+        for m, v in (cu or {}).items():
+            rows.append(("conditional utilisation", m, v, nan, nan, cu.split, cu.n))
         sep_any = next(iter((self.separability or {}).values()), None)
         for m, rec in (self.under_optimisation or {}).items():
             for key in ("joint", "alone", "gap"):
@@ -349,6 +378,9 @@ class Diagnosis:
         atomic_write_json(directory / "diagnosis.json", self.to_dict())
         atomic_write_text(directory / "diagnosis.csv", self.to_frame().to_csv(index=False))
         atomic_write_text(directory / "per_class.csv", self.per_class_frame().to_csv(index=False))
+        if self.robustness is not None:
+            atomic_write_text(directory / "robustness.csv",
+                              self.robustness.to_dataframe().to_csv(index=False))
         _renderer("save")(self, directory, title, class_names)
         if read_marker(directory) is None:
             write_marker(directory, "diagnosis")
@@ -394,9 +426,14 @@ def under_optimisation(model, train_loader: Iterable, val_loader: Iterable, *, e
 
 
 def _inputs_of(loader: Iterable, modality: str, modalities):
+    """``(x, labels)`` of one modality per batch, without the samples where it is absent."""
     for b, batch in enumerate(loader):
-        inputs, labels = unpack_batch(batch, modalities, batch_index=b)
-        yield inputs[modality], labels
+        inputs, labels, present = unpack_batch_present(batch, modalities, batch_index=b)
+        keep = (present or {}).get(modality)
+        if keep is None:
+            yield inputs[modality], labels
+        elif bool(keep.any()):
+            yield inputs[modality][keep], torch.as_tensor(labels)[keep]
 
 
 @torch.no_grad()
@@ -411,12 +448,12 @@ def _encode_all(encoder, loader, modality, modalities, dev) -> tuple[np.ndarray,
 
 def _under_optimisation(net, train_loader, val_loader, epochs, lr, seed, device,
                         bar=None) -> dict[str, dict]:
-    tx, ty = collect_features(net, train_loader, device)
-    vx, vy = collect_features(net, val_loader, device)
+    tx, ty, tp = collect_features(net, train_loader, device, present=True)
+    vx, vy, vp = collect_features(net, val_loader, device, present=True)
     dev = next(net.parameters()).device
     out = {}
-    for i, m in enumerate(net.modalities):
-        joint = linear_probe_accuracy(tx[m], ty, vx[m], vy, seed=seed)
+    for i, m in enumerate(net.modalities):  # each modality over the samples where it is present
+        joint = linear_probe_accuracy(tx[m][tp[m]], ty[tp[m]], vx[m][vp[m]], vy[vp[m]], seed=seed)
         torch.manual_seed(seed + i)
         encoder = _reset_parameters(copy.deepcopy(net.encoders[m])).requires_grad_(True)
         dim = tx[m].shape[1]
@@ -452,6 +489,7 @@ _DIAGNOSE_CONSTRAINTS = {
     "baseline": BASELINE_CONSTRAINT, "fisher": [None, Options(*FISHER_FORMS)],
     "reference_epochs": [None, POSITIVE_INT], "seed": SEED, "progress": [BOOL],
     "n_resamples": [POSITIVE_INT], "level": [Interval(0, 1, closed="neither")],
+    "robustness": [BOOL],
     "history": [None, Satisfies(lambda h: hasattr(h, "series") and hasattr(h, "epochs"),
                                 "a modaldiag History (what md.fit returns)")],
 }
@@ -475,20 +513,6 @@ def _fmt(scores: dict[str, float], digits: int = 2) -> str:
 def _fmt_ci(iv: ProbeIntervals, order, digits: int = 3) -> str:
     return ", ".join(f"{m} {iv.mean[m]:.{digits}f} [{iv.low[m]:.{digits}f}, {iv.high[m]:.{digits}f}]"
                      for m in order)
-
-
-def split_of(loader) -> str | None:
-    """The ``split`` attribute of a loader's dataset (following ``.dataset`` through wrappers
-    such as ``Subset`` or a batch view), or None."""
-    obj = loader
-    for _ in range(4):
-        obj = getattr(obj, "dataset", None)
-        if obj is None:
-            return None
-        name = getattr(obj, "split", None)
-        if isinstance(name, str) and name:
-            return name
-    return None
 
 
 @contextmanager
@@ -518,6 +542,7 @@ def diagnose(
     n_resamples: int = 1000,
     level: float = 0.95,
     history=None,
+    robustness: bool = True,
 ) -> Diagnosis:
     """Diagnose modality imbalance of a trained model, with intervals and an honest verdict.
 
@@ -563,7 +588,14 @@ def diagnose(
     history : History, optional
         The model's training History (``md.fit``'s return value, with the monitored Fisher
         traces): its prime learning window (paper rule) becomes evidence for the recommendation
-        (when the dominant modality's window closed, a remedy must act before it).
+        (when the dominant modality's window closed, a remedy must act before it). When it holds
+        Greedy's conditional learning speed (``speed.bdr.<m>``, ``speed.d_speed``), the report
+        plots it next to the conditional utilisation.
+    robustness : bool, default True
+        Robustness curves (:func:`~modaldiag.probes.robustness.robustness`: each modality
+        missing, gaussian-noisy in feature space, shuffled; severities 0-1, bootstrap intervals,
+        AUC) and Greedy's conditional utilisation rates on ``loader``, from one extra encoder
+        pass; absence is the diagnosis' ``baseline``.
 
     The model (every submodule's mode, ``requires_grad``, ``.grad``, buffers) and the global RNG
     states are left exactly as found.
@@ -573,14 +605,15 @@ def diagnose(
     Diagnosis
         ``.verdict``, ``.reason``, ``.dominant``/``.weakest`` (None unless imbalanced),
         ``.ranking``, ``.intervals``, ``.recommendations``, ``.split``, ``.n``, ``.evidence``,
-        ``.summary``, ``.to_dict()``, ``.to_frame()``, ``.save(dir)``.
+        ``.robustness`` (a RobustnessResult), ``.conditional_utilization``, ``.summary``,
+        ``.to_dict()``, ``.to_frame()``, ``.save(dir)``.
     """
     validate_params(_DIAGNOSE_CONSTRAINTS,
                     {"loader": loader, "val_loader": val_loader, "value": value,
                      "baseline": baseline, "fisher": fisher, "reference_epochs": reference_epochs,
                      "seed": seed, "baseline_loader": baseline_loader, "progress": progress,
                      "train_loader": train_loader, "split": split, "n_resamples": n_resamples,
-                     "level": level, "history": history},
+                     "level": level, "history": history, "robustness": robustness},
                     "diagnose")
     net = contract_model(model)
     if reference_epochs is not None and val_loader is None:
@@ -612,14 +645,37 @@ def diagnose(
             with bar:
                 under = _under_optimisation(net, fit_loader, val_loader, reference_epochs, 0.01,
                                             seed, device, bar)
+        rob = cu = None
+        if robustness:
+            with _phase(progress, "robustness"):
+                cache = cache_features(net, loader, device)
+                rob = robustness_from_cache(
+                    net, cache, {c: c for c in CORRUPTIONS}, DEFAULT_SEVERITIES, net.modalities,
+                    n_resamples=n_resamples, level=level, seed=seed, baseline_kind=kind,
+                    split=split)
+                cu = conditional_from_cache(net, cache, split=split, baseline=kind)
     config = {"split": split, "n": ev.n, "value": sv.value, "baseline": kind, "fisher": fisher,
               "reference_epochs": reference_epochs, "seed": seed,
               "separability_splits": ({"fit": fit_split, "score": val_split}
                                       if sep is not None else None),
               "n_resamples": n_resamples, "level": level,
-              "window": _window_evidence(history, net.modalities)}
+              "window": _window_evidence(history, net.modalities), "robustness": robustness,
+              "speed": _speed_evidence(history, net.modalities)}
     return _diagnosis(net, ev, sv, tr, sep, under, kind, config, split=split,
-                      n_resamples=n_resamples, level=level, seed=seed)
+                      n_resamples=n_resamples, level=level, seed=seed, rob=rob, cu=cu)
+
+
+def _speed_evidence(history, modalities) -> dict | None:
+    """Greedy's conditional learning speed per epoch from the History (keys ``speed.bdr.<m>``,
+    ``speed.d_speed``), or None when it was not logged."""
+    if history is None or len(history) == 0:
+        return None
+    out = {}
+    for key in [f"bdr.{m}" for m in modalities] + ["d_speed"]:
+        values = history.series(f"speed.{key}")
+        if any(v == v for v in values):  # not all NaN
+            out[key] = [float(v) for v in values]
+    return out or None
 
 
 def _window_evidence(history, modalities) -> dict | None:
@@ -687,7 +743,8 @@ def _recommendation_line(verdict, recs: list[dict]) -> str:
 
 def _diagnosis(net, ev: EvalResult, sv: ShapleyValues, tr, sep, under, kind: str,
                config: dict, *, split: str, n_resamples: int = 1000, level: float = 0.95,
-               seed: int = 0) -> Diagnosis:
+               seed: int = 0, rob: RobustnessResult | None = None,
+               cu: ConditionalUtilization | None = None) -> Diagnosis:
     value, mods, n = sv.value, net.modalities, ev.n
     uni_acc = {m: s.accuracy for m, s in ev.unimodal.items()}
     evidence = [
@@ -747,6 +804,18 @@ def _diagnosis(net, ev: EvalResult, sv: ShapleyValues, tr, sep, under, kind: str
                      f"{where.val_split}): the {starved!r} encoder supports {u['joint']:.3f} "
                      f"after joint training vs {u['alone']:.3f} when trained alone "
                      f"(gap {u['gap']:+.3f}).")
+    if rob is not None:
+        lines.append(
+            f"Robustness ({split}, AUC of fused accuracy over severities 0-1, {pct}): "
+            + "; ".join(f"{c} " + ", ".join(
+                f"{m} {rob.auc[c][m]:.3f} [{rob.auc_low[c][m]:.3f}, {rob.auc_high[c][m]:.3f}]"
+                for m in rob.modalities) for c in rob.corruptions)
+            + f" (clean {rob.clean_accuracy:.3f}; missing = '{kind}' baseline, gaussian = "
+            "feature noise in units of each modality's feature std).")
+    if cu is not None:
+        lines.append(f"Conditional utilisation ({split}, '{kind}' baseline): "
+                     + ", ".join(f"{m} {v:.3f}" for m, v in cu.items())
+                     + f"; d_util {cu.d_util:+.3f}.")
     lines.append("All voting probes rank the modalities alike." if agree else
                  "The probes disagree: " + " ".join(disagreements))
     lines.append(_recommendation_line(verdict, recs))
@@ -754,7 +823,7 @@ def _diagnosis(net, ev: EvalResult, sv: ShapleyValues, tr, sep, under, kind: str
         mods, verdict.dominant, verdict.weakest, agree, evidence, ev.accuracy, ev, sv, tr, sep,
         under, disagreements, "\n".join(lines), config, kind, verdict=verdict.verdict,
         reason=verdict.reason, ranking=ranking, intervals=intervals, recommendations=recs,
-        split=split, n=n, copies=tuple(ev.copies))
+        split=split, n=n, copies=tuple(ev.copies), robustness=rob, conditional_utilization=cu)
 
 
 _COMBINE_CONSTRAINTS = {"n_resamples": [POSITIVE_INT], "level": [Interval(0, 1, closed="neither")],

@@ -30,12 +30,13 @@ from ..utils.distributed import all_reduce_sum
 from ..utils.progress import length_or_none, progress_bar
 from ..utils.torch_utils import preserved_state
 from ..utils.validation import BOOL, POSITIVE_INT, InstanceOf, Options, validate_params
-from ._common import contract_model, iterate_batches
+from ._common import contract_model, iterate_batches, present_of
 from ._persample import (
     UnsupportedByHooks,
     hook_sq_norms,
     hooks_blocker,
     loop_sq_norms,
+    masked_logits,
     vmap_sq_norms,
 )
 
@@ -120,10 +121,10 @@ class _PerSample:
     def _note(self, reason: str) -> None:
         self.reason = reason if self.reason is None else f"{self.reason}; {reason}"
 
-    def __call__(self, inputs, labels) -> dict[str, torch.Tensor]:
+    def __call__(self, inputs, labels, present=None) -> dict[str, torch.Tensor]:
         if self.current == "hooks":
             try:
-                return self._done("hooks", hook_sq_norms(self.net, inputs, labels))
+                return self._done("hooks", hook_sq_norms(self.net, inputs, labels, present))
             except UnsupportedByHooks as exc:
                 if self.requested == "hooks":
                     raise ValueError(
@@ -135,7 +136,8 @@ class _PerSample:
         if self.current == "vmap":
             try:
                 with preserved_state(self.net):
-                    return self._done("vmap", vmap_sq_norms(self.net, inputs, labels, self.chunk_size))
+                    return self._done("vmap", vmap_sq_norms(self.net, inputs, labels,
+                                                            self.chunk_size, present))
             except Exception as exc:  # noqa: BLE001 - any vmap limitation; the loop is exact
                 first = (str(exc).strip().splitlines() or [""])[0][:200]
                 if self.requested == "vmap":
@@ -145,7 +147,7 @@ class _PerSample:
                     ) from exc
                 self._note(f"torch.func vmap cannot run the model ({type(exc).__name__}: {first})")
                 self.current = "loop"
-        return self._done("loop", loop_sq_norms(self.net, inputs, labels))
+        return self._done("loop", loop_sq_norms(self.net, inputs, labels, present))
 
     def _done(self, engine: str, sq: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if engine not in self.used:
@@ -175,6 +177,8 @@ def fisher_trace(
     model : MultimodalModel
         A modaldiag model (``md.MultimodalClassifier`` or ``md.wrap(...)``), DDP-wrapped or not.
     loader : iterable of ``(inputs: dict[str, Tensor (B, ...)], labels: LongTensor (B,))``
+        or ``(inputs, labels, present)``: a sample contributes exactly 0 to ``Tr F_m`` where m is
+        absent (its feature is the baseline); the mean is over all samples.
     per_sample : bool, default True
         True: the paper's per-sample form; False: the mini-batch ("batch") form.
     form : {"per_sample", "batch", "code"}, optional
@@ -216,12 +220,12 @@ def fisher_trace(
                                desc=f"fisher ({form})", total=length_or_none(loader))
         for inputs, labels in batches:
             if runner is not None:
-                sq = runner(inputs, labels)
+                sq = runner(inputs, labels, present_of(inputs))
                 for m in net.modalities:
                     totals[m] += float(sq[m].sum())
                 count += labels.shape[0]
             else:
-                _batch_sq_norms(net, inputs, labels, form, totals)
+                _batch_sq_norms(net, inputs, labels, form, totals, present_of(inputs))
                 count += 1
     # sum over DDP ranks: the trace of the union of every rank's data
     reduced = all_reduce_sum(torch.tensor([totals[m] for m in net.modalities] + [float(count)],
@@ -231,13 +235,13 @@ def fisher_trace(
                        reason=runner.reason if runner else None, n_samples=int(reduced[-1]))
 
 
-def _batch_sq_norms(net, inputs, labels, form, totals) -> None:
+def _batch_sq_norms(net, inputs, labels, form, totals, present=None) -> None:
     params = {m: (_code_compat_layers(net.encoders[m]) if form == "code"
                   else [p for p in net.encoders[m].parameters() if p.requires_grad])
               for m in net.modalities}
     flat = [p for m in net.modalities for p in params[m]]
     with torch.enable_grad():
-        loss = F.cross_entropy(net(inputs), labels)
+        loss = F.cross_entropy(masked_logits(net, inputs, present), labels)
         if not flat or not loss.requires_grad:
             return
         grads = torch.autograd.grad(loss, flat, allow_unused=True)

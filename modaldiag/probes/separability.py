@@ -22,7 +22,15 @@ from ..utils.distributed import all_gather_cat, is_distributed
 from ..utils.progress import progress_bar
 from ..utils.torch_utils import preserved_state
 from ..utils.validation import BOOL, POSITIVE_INT, validate_params
-from ._common import ITERABLE, SEED, contract_model, encode_checked, iterate_batches, probe_state
+from ._common import (
+    ITERABLE,
+    SEED,
+    contract_model,
+    encode_checked,
+    iterate_batches,
+    present_of,
+    probe_state,
+)
 
 __all__ = ["Separability", "separability", "purity", "collect_features", "linear_probe_accuracy"]
 
@@ -54,32 +62,43 @@ _PARAMETER_CONSTRAINTS = {
     "train_loader": [ITERABLE], "val_loader": [ITERABLE], "loader": [ITERABLE],
     "seed": SEED, "n_init": [POSITIVE_INT], "linear_probe": [BOOL], "silhouette": [BOOL],
     "max_samples": [POSITIVE_INT], "minibatch_threshold": [POSITIVE_INT],
-    "num_classes": [POSITIVE_INT], "progress": [BOOL],
+    "num_classes": [POSITIVE_INT], "progress": [BOOL], "present": [BOOL],
 }
 
 
 @torch.no_grad()
-def collect_features(model, loader: Iterable, device=None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def collect_features(model, loader: Iterable, device=None, *, present: bool = False):
     """Encoder outputs ``{m: (N, d_m)}`` (float32, flattened) and labels ``(N,)`` over ``loader``.
 
+    A sample whose modality is absent (presence mask in the batches) has the model's baseline as
+    that modality's feature row. ``present=True`` also returns ``{m: bool ndarray (N,)}``, the
+    presence of every sample (True everywhere for a loader without masks), as a third item.
     Runs in eval mode; the model and the global RNG states are left exactly as found.
     """
-    validate_params(_PARAMETER_CONSTRAINTS, {"loader": loader}, "collect_features")
+    validate_params(_PARAMETER_CONSTRAINTS, {"loader": loader, "present": present},
+                    "collect_features")
     net = contract_model(model)
     feats: dict[str, list] = {m: [] for m in net.modalities}
+    flags: dict[str, list] = {m: [] for m in net.modalities}
     labels = []
     with probe_state(net):
         for b, (inputs, y) in enumerate(iterate_batches(net, loader, device)):
             f = encode_checked(net, inputs, b)
+            mask = present_of(inputs) or {}
             for m in net.modalities:
                 feats[m].append(f[m].float().flatten(1).cpu().numpy())
+                flags[m].append(mask[m].cpu().numpy() if m in mask
+                                else np.ones(len(y), dtype=bool))
             labels.append(y.cpu().numpy())
     out = {m: np.concatenate(v) for m, v in feats.items()}
     y = np.concatenate(labels)
+    kept = {m: np.concatenate(v) for m, v in flags.items()}
     if is_distributed():  # every rank gets the union of the shards, in rank order
         out = {m: all_gather_cat(torch.from_numpy(v)).numpy() for m, v in out.items()}
         y = all_gather_cat(torch.from_numpy(y)).numpy()
-    return out, y
+        if present:
+            kept = {m: all_gather_cat(torch.from_numpy(v)).numpy() for m, v in kept.items()}
+    return (out, y, kept) if present else (out, y)
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:
@@ -169,6 +188,8 @@ def separability(
     model : MultimodalModel
     train_loader, val_loader : iterables of ``(inputs, labels)``
         D and V. V must be held out from training (carve it from train; never the test set).
+        With presence masks (``(inputs, labels, present)``), each modality is measured on the
+        samples where it is present (``n_train``/``n_val`` count them).
     seed, n_init : int
         k-means seed and restarts (explicit: scikit-learn changed the default in 1.4).
     linear_probe, silhouette : bool
@@ -211,16 +232,30 @@ def _separability(net, train_loader, val_loader, seed, n_init, linear_probe, sil
                                    silhouette, max_samples, minibatch_threshold, device, bar, k)
 
 
+def _present_subset(x: dict, y: np.ndarray, kept: dict, m: str, max_samples: int, seed: int):
+    """Modality ``m``'s features and labels over the samples where it is present, subsampled."""
+    keep = kept[m]
+    sub, labels = _subsample({m: x[m][keep]}, y[keep], max_samples, seed)
+    if len(labels) == 0:
+        raise ValueError(f"modality {m!r} is absent from every sample of a loader (presence mask); "
+                         "separability needs samples where it is present.")
+    return sub[m], labels
+
+
 def _separability_steps(net, train_loader, val_loader, seed, n_init, linear_probe, silhouette,
                         max_samples, minibatch_threshold, device, bar, k):
-    tx, ty = _subsample(*collect_features(net, train_loader, device), max_samples, seed)
+    # per modality, only the samples where it is present (a baseline row is not the encoder's)
+    train = collect_features(net, train_loader, device, present=True)
     bar.update()
-    vx, vy = _subsample(*collect_features(net, val_loader, device), max_samples, seed)
+    val = collect_features(net, val_loader, device, present=True)
     bar.update()
-    if len(np.unique(ty)) < 2:
+    if len(np.unique(train[1])) < 2:
         raise ValueError("the training loader holds a single class; separability needs at least two.")
     out = {}
     for m in net.modalities:
+        (txm, ty), (vxm, vy) = (_present_subset(*train, m, max_samples, seed),
+                                _present_subset(*val, m, max_samples, seed))
+        tx, vx = {m: txm}, {m: vxm}
         p_train = purity(tx[m], ty, k, seed=seed, n_init=n_init, minibatch_threshold=minibatch_threshold)
         p_val = purity(vx[m], vy, k, seed=seed, n_init=n_init, minibatch_threshold=minibatch_threshold)
         lp = linear_probe_accuracy(tx[m], ty, vx[m], vy, seed=seed) if linear_probe else None

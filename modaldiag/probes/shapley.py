@@ -3,6 +3,12 @@
 Players are modalities; coalition S runs the head with the modalities outside S absent (replaced
 by their baseline). Encoders run once per batch; only the head runs per coalition, and all
 coalitions of a batch go through the head in one stacked call.
+
+Missing modalities (a per-sample presence mask from the loader): for a sample whose modality m is
+absent, m's feature is its baseline in every coalition, and the coalition S is played as
+``S ∩ present`` (its size too, for the ``paper`` value ``|S| * 1[correct]``): m is a dummy player
+and its Shapley value is exactly 0 for that sample; the other modalities share
+``v(present) - v(empty)``.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from ._common import (
     contract_model,
     encode_checked,
     iterate_batches,
+    present_of,
     probe_state,
 )
 
@@ -351,17 +358,20 @@ class _Game:
                 net.check_absence(feats)
                 self.checked = True
         out = {}
+        present = _presence_matrix(present_of(inputs), net.modalities, labels)
         if self.method == "exact":
             with autocast_context(self.autocast, inputs):
-                logits = net.head_coalitions(feats, self.masks, max_rows=self.max_rows).float()
-            v = self.value_fn(logits, labels, self.sizes.to(labels.device)).double()  # (K, B)
+                v, full_logits = _coalition_values(net, feats, labels, self.value_fn, self.masks,
+                                                   present, self.max_rows, self.sizes)
             phi = v.T @ self.weights.to(v.device)
-            full, empty, pred = v[-1], v[0], logits[-1].argmax(-1)
+            full, empty, pred = v[-1], v[0], full_logits.argmax(-1)
         else:
             phi, err, full, empty, pred = _permutation_batch(
                 net, feats, labels, self.value_fn, self.m, self.n_permutations,
-                _batch_generator(self.seed, b), self.max_rows)
+                _batch_generator(self.seed, b), self.max_rows, present)
             out["stderr"] = err.cpu()
+        if present is not None:  # the dummy axiom, free of float64 rounding in v.T @ W
+            phi = phi.masked_fill(~present.to(phi.device), 0.0)
         out.update(values=phi.cpu(), full_value=full.cpu(), empty_value=empty.cpu(),
                    labels=labels.cpu(), predictions=pred.cpu())
         return out
@@ -395,6 +405,8 @@ def shapley(
         Run in eval mode. The model (every submodule's mode, ``requires_grad``, ``.grad``,
         buffers) and the global RNG states are left exactly as found.
     loader : iterable of ``(inputs, labels)``
+        or ``(inputs, labels, present)``: a sample's absent modality is a dummy player with value
+        exactly 0 (see the module docstring).
     value : {"paper", "correct", "prob", "logit", "neg_loss"} or callable, default "paper"
         Coalition value. ``paper`` is ``|S| * 1[argmax H(S) == y]`` (CVPR 2024): contributions of a
         correctly classified sample sum to M and a balanced sample has ``phi_m = 1``. A callable
@@ -505,7 +517,9 @@ def _job_fingerprint(net, kind: str, value, method: str, n_permutations: int, se
         "value": _value_id(value), "baseline": kind, "method": method,
         "n_permutations": n_permutations, "seed": seed, "autocast": autocast,
         "loader": {**_loader_size(loader),
-                   "first_batch": _hash_tensors([*sorted(inputs.items()), ("labels", labels)])},
+                   "first_batch": _hash_tensors([*sorted(inputs.items()), ("labels", labels),
+                                                 *sorted(("present." + k, t) for k, t in
+                                                         (present_of(inputs) or {}).items())])},
     }
 
 
@@ -674,20 +688,70 @@ def shapley_to_disk(
         atomic_write_json(directory / "summary.json", summary)
     return summary
 
-def _permutation_batch(net, feats, labels, value_fn, m, n_pairs, gen, max_rows):
+def _presence_matrix(present, modalities, labels) -> torch.Tensor | None:
+    """``present`` ``{m: (B,)}`` as a BoolTensor (B, M) in the order of ``modalities``, or None."""
+    if not present:
+        return None
+    cols = [present[m].to(labels.device) if m in present
+            else torch.ones_like(labels, dtype=torch.bool) for m in modalities]
+    return torch.stack(cols, 1)
+
+
+def _restricted_coalitions(masks: torch.Tensor, present: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coalition ``k`` played by sample ``i`` is ``masks[k] & present[i]``: the distinct such
+    coalitions ``(U, M)`` and ``index (K, B)`` with ``unique[index[k, i]] == masks[k] & present[i]``."""
+    m = masks.shape[1]
+    if m > 62:
+        raise ValueError(f"shapley with a presence mask supports at most 62 modalities; got {m}.")
+    bits = 2 ** torch.arange(m, dtype=torch.int64, device=present.device)
+    played = masks.to(present.device).unsqueeze(1) & present.unsqueeze(0)  # (K, B, M)
+    codes = (played.long() * bits).sum(-1)
+    unique, index = torch.unique(codes, return_inverse=True)
+    return (unique.unsqueeze(1) & bits) != 0, index
+
+
+def _coalition_values(net, feats, labels, value_fn, masks, present, max_rows, sizes=None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values ``(K, B)`` (float64) of coalitions ``masks`` (K, M), whose last row is the full
+    coalition, and the logits ``(B, C)`` of the full coalition. With a presence matrix ``(B, M)``
+    sample ``i`` plays ``masks[k] & present[i]`` (its absent modalities are dummy players)."""
+    if present is None:
+        logits = net.head_coalitions(feats, masks, max_rows=max_rows).float()
+        sizes = masks.sum(1) if sizes is None else sizes
+        return value_fn(logits, labels, sizes.to(labels.device)).double(), logits[-1]
+    unique, index = _restricted_coalitions(masks, present)
+    logits = net.head_coalitions(feats, unique, max_rows=max_rows).float()  # (U, B, C)
+    v = value_fn(logits, labels, unique.sum(1).to(labels.device)).double()  # (U, B)
+    rows = torch.arange(labels.shape[0], device=logits.device)
+    return v.gather(0, index.to(v.device)), logits[index[-1].to(logits.device), rows]
+
+
+def _permutation_batch(net, feats, labels, value_fn, m, n_pairs, gen, max_rows, present=None):
     perms, prefix = _permutation_masks(m, n_pairs, gen)
     p = perms.shape[0]
     flat = prefix.reshape(-1, m)
+    if present is not None:
+        v, full_logits = _coalition_values(net, feats, labels, value_fn,
+                                           torch.cat([flat, flat[m:m + 1]]), present, max_rows)
+        return _permutation_phi(perms, v[:-1].view(p, m + 1, -1), n_pairs, m,
+                                full_logits.argmax(-1))
     unique, inverse = torch.unique(flat, dim=0, return_inverse=True)
     logits = net.head_coalitions(feats, unique, max_rows=max_rows)
     sizes = unique.sum(1).to(labels.device)
     v_unique = value_fn(logits, labels, sizes).double()  # (U, B)
     v = v_unique[inverse.to(v_unique.device)].view(p, m + 1, -1)  # (P, M+1, B)
+    full_index = int(inverse.view(p, m + 1)[0, m])
+    return _permutation_phi(perms, v, n_pairs, m, logits[full_index].argmax(-1))
+
+
+def _permutation_phi(perms, v, n_pairs, m, pred):
+    """Shapley estimates from the values ``v (P, M+1, B)`` of every permutation's prefixes."""
+    p = perms.shape[0]
     marginal = v[:, 1:] - v[:, :-1]  # (P, M, B): contribution of the j-th player of perm p
     contrib = torch.zeros(p, m, v.shape[-1], dtype=torch.float64, device=v.device)
     contrib.scatter_(1, perms.to(v.device).unsqueeze(-1).expand(-1, -1, v.shape[-1]), marginal)
     pairs = (contrib[:n_pairs] + contrib[n_pairs:]) / 2  # antithetic pair means, independent
     phi = pairs.mean(0).T  # (B, M)
     err = (pairs.std(0, unbiased=True) / math.sqrt(n_pairs)).T if n_pairs > 1 else torch.full_like(phi, float("nan"))
-    full_index = int(inverse.view(p, m + 1)[0, m])
-    return phi, err, v[0, m], v[0, 0], logits[full_index].argmax(-1)
+    return phi, err, v[0, m], v[0, 0], pred

@@ -4,7 +4,9 @@ from .agm import AGM, agm_coefficients, shapley_matrix, shapley_outputs
 from .amco import AMCo, amco_schedule, joint_softmax_mass
 from .base import Regulator, all_reduce_sum, check_composition, encoder_parameters
 from .cml import CML, cml_all_pairs_loss, cml_chain_loss
+from .dropout import ModalityDropout, expected_drop_rate
 from .gblending import GBlending, gblending_weights
+from .greedy import Greedy
 from .inforeg import InfoReg
 from .lfm import LFM, lfm_alignment, lfm_fitted_alpha
 from .mbsd import MBSD, mbsd_pair_terms
@@ -30,4 +32,5 @@ __all__ = ["Regulator", "InfoReg", "Relearning", "OGM", "OPM", "MMPareto", "Valu
            "amco_schedule", "joint_softmax_mass", "ReconBoost", "reconboost_boost_loss",
            "reconboost_ga", "reconboost_schedule", "MLA", "mla_fusion_weights",
            "mla_project_gradient", "mla_projector_update", "mla_step_size", "UMT", "UME",
-           "choose_umt_or_ume", "ume_combine", "umt_distillation_loss"]
+           "choose_umt_or_ume", "ume_combine", "umt_distillation_loss", "ModalityDropout",
+           "expected_drop_rate", "Greedy"]

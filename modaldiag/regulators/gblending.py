@@ -19,6 +19,13 @@ training set (``L^T``) and on the validation loader (``L^V``)::
 The live model, optimizer, owned heads, the global RNG streams and the loaders' generators end the
 estimate exactly as they began (the trial works on copies inside ``preserved_state``).
 
+Missing modalities (batches ``(inputs, labels, present)``): the fused branch sees the baseline for
+an absent entry (``model.mask_features``, as in the step); modality m's branch (its CE in the step,
+its trial training and its four loss measurements) uses only the samples where m is present: a
+baseline row is not m's data, so counting it would measure the head's bias, not m's overfitting.
+Trial training selects those rows before encoding (a BatchNorm never sees a placeholder); a trial
+batch with no such row (on any rank), or one row under a BatchNorm in training mode, is skipped.
+
 DDP: every loss sum and sample count is all-reduced before the weights are formed, and the trial
 copies average their gradients over ranks at every step (as DDP would), so every rank derives the
 same weights. The owned heads live outside the DDP module, so their gradients are averaged over
@@ -37,7 +44,14 @@ from torch import nn
 
 from ..utils.distributed import all_reduce_sum, world_size
 from ..utils.torch_utils import module_device, preserved_state, to_device
-from ..utils.validation import POSITIVE_INT, Options, Satisfies, as_plain_int, unpack_batch
+from ..utils.validation import (
+    POSITIVE_INT,
+    Options,
+    Satisfies,
+    as_plain_int,
+    unpack_batch,
+    unpack_batch_present,
+)
 from .base import SEED, Regulator, average_over_ranks, seeded_linear
 
 __all__ = ["GBlending", "gblending_weights"]
@@ -238,7 +252,15 @@ class GBlending(Regulator):
             else:
                 lin = self.heads[m]
                 logits = lin(ctx.features[m].to(lin.weight.dtype))
-            ctx.losses[f"gblending/{m}"] = w[i] * F.cross_entropy(logits, ctx.labels)
+            keep = (ctx.present or {}).get(m)
+            if keep is None:
+                ce = F.cross_entropy(logits, ctx.labels)
+            elif bool(keep.any()):  # branch m learns from the samples where m is present
+                keep = keep.to(logits.device)
+                ce = F.cross_entropy(logits[keep], ctx.labels[keep])
+            else:
+                ce = logits.sum() * 0.0  # no sample of m: a zero term, still in the graph
+            ctx.losses[f"gblending/{m}"] = w[i] * ce
         self.record("w", {m: w[i] for i, m in enumerate(model.modalities)})
 
     def on_before_optimizer_step(self, ctx) -> None:
@@ -299,10 +321,25 @@ class GBlending(Regulator):
             self.record_epoch(f"{key}_fused", est[key][-1])
         self.record_epoch("estimated", 1.0)
 
-    def _branch_logits(self, model, heads, inputs, k: int, *, released: bool) -> torch.Tensor:
+    @staticmethod
+    def _branch_rows(inputs, labels, present, k: int, mods):
+        """``(inputs, labels, present)`` branch k learns from: the whole batch with its mask
+        (fused branch), else the rows where modality ``mods[k]`` is present (no mask left)."""
+        if k == len(mods):
+            return inputs, labels, present
+        keep = (present or {}).get(mods[k])
+        if keep is None:
+            return inputs, labels, None
+        keep = keep.to(labels.device)
+        return {o: x[keep] for o, x in inputs.items()}, labels[keep], None
+
+    def _branch_logits(self, model, heads, inputs, k: int, *, released: bool,
+                       present=None) -> torch.Tensor:
+        """Branch k's logits on a batch from :meth:`_branch_rows` (``present``: the fused
+        branch's mask; absent entries become the baseline)."""
         mods = model.modalities
         if k == len(mods):
-            return model.head(model.encode(inputs))
+            return model.head(model.mask_features(model.encode(inputs), present))
         m = mods[k]
         if released:  # BalanceBenchmark: the fused output with the other raw inputs zeroed
             zeroed = {o: x if o == m else torch.zeros_like(x) for o, x in inputs.items()}
@@ -315,27 +352,34 @@ class GBlending(Regulator):
     @torch.no_grad()
     def _mean_losses(self, model, heads, loader, branches, device) -> list[float]:
         """Mean per-sample CE of each branch over ``loader`` in eval mode (paper form), summed
-        and counted over DDP ranks. The modes are the caller's to restore."""
+        and counted over DDP ranks. The fused branch counts every sample (absent entries at the
+        baseline); modality m's branch only the samples where m is present (NaN when none is,
+        which gives that branch ``w~ = 0``). The modes are the caller's to restore."""
         model.eval()
         mods = model.modalities
-        sums = torch.zeros(len(branches) + 1, dtype=torch.float64, device=device)
+        sums = torch.zeros(2 * len(branches), dtype=torch.float64, device=device)  # sums, counts
         for i, batch in enumerate(loader):
-            inputs, labels = unpack_batch(batch, mods, batch_index=i)
+            inputs, labels, present = unpack_batch_present(batch, mods, batch_index=i)
             inputs, labels = to_device(inputs, device), labels.to(device)
-            feats = model.encode(inputs)
+            present = to_device(present, device) if present is not None else None
+            feats = model.mask_features(model.encode(inputs), present)
             for j, k in enumerate(branches):
+                keep = (present or {}).get(mods[k]) if k < len(mods) else None
+                rows = feats if keep is None else {m: f[keep] for m, f in feats.items()}
+                y = labels if keep is None else labels[keep]
                 if k == len(mods):
-                    logits = model.head(feats)
+                    logits = model.head(rows)
                 elif self.heads_mode == "separate":
                     lin = heads[mods[k]]
-                    logits = lin(feats[mods[k]].to(lin.weight.dtype))
+                    logits = lin(rows[mods[k]].to(lin.weight.dtype))
                 else:
-                    logits = model.head(feats, present=(mods[k],))
-                sums[j] += F.cross_entropy(logits.float(), labels, reduction="sum").double()
-            sums[-1] += labels.shape[0]
+                    logits = model.head(rows, present=(mods[k],))
+                sums[j] += F.cross_entropy(logits.float(), y, reduction="sum").double()
+                sums[len(branches) + j] += y.shape[0]
         all_reduce_sum(sums)
-        count = max(float(sums[-1]), 1.0)
-        return [float(s) / count for s in sums[:-1]]
+        n = len(branches)
+        return [float(sums[j]) / float(sums[n + j]) if float(sums[n + j]) > 0 else float("nan")
+                for j in range(n)]
 
     @torch.no_grad()
     def _released_val_sum(self, model, heads, loader, k, device) -> float:

@@ -60,7 +60,7 @@ from ..utils.validation import (
     Interval,
     Options,
     as_plain_int,
-    unpack_batch,
+    unpack_batch_present,
 )
 from .base import EPOCH_END, Regulator, all_reduce_sum, check_epoch_range
 
@@ -207,7 +207,8 @@ class PMR(Regulator):
             (p.device for p in model.parameters()), torch.device("cpu"))
         gen_states = [g.get_state() for g in gens]
         sums: dict[str, torch.Tensor] = {}
-        counts = None
+        counts: dict[str, torch.Tensor] = {}  # per modality: class counts of present samples
+        labels_read = None  # class counts of every sample read
         read = 0
         try:
             with preserved_state(model):
@@ -216,30 +217,42 @@ class PMR(Regulator):
                 exhausted = False
                 while True:
                     local = {m: None for m in mods}
-                    local_counts = torch.zeros(num_classes, dtype=torch.float64, device=dev)
+                    zeros = torch.zeros(num_classes, dtype=torch.float64, device=dev)
+                    local_counts = {m: zeros.clone() for m in mods}
+                    local_labels = zeros.clone()
                     for _ in range(budget):
                         try:
                             batch = next(it)
                         except StopIteration:
                             exhausted = True
                             break
-                        inputs, labels = unpack_batch(batch, mods, batch_index=read)
+                        inputs, labels, present = unpack_batch_present(batch, mods,
+                                                                       batch_index=read)
                         feats = model.encode(to_device(inputs, dev))
                         labels = labels.to(dev).long()
+                        ones = torch.ones_like(labels, dtype=torch.float64)
                         for m in mods:
                             f = feats[m].detach().flatten(1).double()
                             if local[m] is None:
                                 local[m] = torch.zeros(num_classes, f.shape[1], dtype=torch.float64,
                                                        device=f.device)
-                            local[m].index_add_(0, labels, f)
-                        local_counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+                            keep = (present or {}).get(m)
+                            if keep is None:
+                                local[m].index_add_(0, labels, f)
+                                local_counts[m].index_add_(0, labels, ones)
+                            else:  # an absent sample's placeholder is not m's data: skipped
+                                keep = keep.to(f.device)
+                                local[m].index_add_(0, labels[keep], f[keep])
+                                local_counts[m].index_add_(0, labels[keep], ones[keep])
+                        local_labels.index_add_(0, labels, ones)
                         read += 1
                     for m in mods:
                         if local[m] is None:  # this rank read nothing: size from the model
                             d = self._feature_dim(model, m, sums)
                             local[m] = torch.zeros(num_classes, d, dtype=torch.float64, device=dev)
                     flat = torch.cat([local[m].flatten() for m in mods]
-                                     + [local_counts, torch.tensor([float(exhausted)],
+                                     + [local_counts[m] for m in mods]
+                                     + [local_labels, torch.tensor([float(exhausted)],
                                                                    dtype=torch.float64, device=dev)])
                     all_reduce_sum(flat)
                     offset = 0
@@ -248,20 +261,29 @@ class PMR(Regulator):
                         part = flat[offset:offset + n].view_as(local[m])
                         sums[m] = part if m not in sums else sums[m] + part
                         offset += n
-                    chunk_counts = flat[offset:offset + num_classes]
-                    counts = chunk_counts if counts is None else counts + chunk_counts
+                    for m in mods:
+                        part = flat[offset:offset + num_classes]
+                        counts[m] = part if m not in counts else counts[m] + part
+                        offset += num_classes
+                    part = flat[offset:offset + num_classes]
+                    labels_read = part if labels_read is None else labels_read + part
                     all_exhausted = int(round(float(flat[-1]))) >= world_size()
-                    known = self.seen.to(counts.device) if self.seen is not None else torch.zeros(
-                        num_classes, dtype=torch.bool, device=counts.device)
-                    missing = (counts == 0) & ~known
+                    known = self.seen.to(dev) if self.seen is not None else torch.zeros(
+                        num_classes, dtype=torch.bool, device=dev)
+                    # a class still without a prototype in some modality: read on
+                    missing = torch.stack([counts[m] == 0 for m in mods]).any(0) & ~known
                     if not bool(missing.any()) or all_exhausted:
                         break
         finally:
             for g, s in zip(gens, gen_states, strict=True):
                 g.set_state(s)
         self._apply(sums, counts, use_momentum)
-        self.record_epoch("prototype_samples", {str(k): int(counts[k]) for k in range(num_classes)})
+        self.record_epoch("prototype_samples",
+                          {str(k): int(labels_read[k]) for k in range(num_classes)})
         self.record_epoch("prototype_batches", read)
+        absent = {m: int(labels_read.sum() - counts[m].sum()) for m in mods}
+        if any(absent.values()):  # samples read whose modality m was absent (not in c_m)
+            self.record_epoch("prototype_absent", absent)
 
     @staticmethod
     def _feature_dim(model, m, sums) -> int:
@@ -273,12 +295,20 @@ class PMR(Regulator):
         raise ValueError(f"PMR: this rank read no training batch and the model declares no "
                          f"feature dimension for {m!r}; give every rank at least one batch.")
 
-    def _apply(self, sums: dict[str, torch.Tensor], counts: torch.Tensor, use_momentum: bool) -> None:
-        present = counts > 0
-        old_seen = self.seen.to(present.device) if self.seen is not None else torch.zeros_like(present)
+    def _apply(self, sums: dict[str, torch.Tensor], counts: dict[str, torch.Tensor],
+               use_momentum: bool) -> None:
+        """Prototypes from per-class feature sums and per-modality class counts of the samples
+        where the modality is present. A class is *seen* once it has a prototype in every
+        modality; a class not read (for m) keeps its old prototype of m."""
+        first = next(iter(counts.values()))
+        old_seen = self.seen.to(first.device) if self.seen is not None else torch.zeros(
+            first.shape, dtype=torch.bool, device=first.device)
         new_protos = {}
+        everywhere = None
         for m, s in sums.items():
-            new = (s / counts.clamp_min(1)[:, None]).float()
+            present = counts[m] > 0
+            everywhere = present if everywhere is None else everywhere & present
+            new = (s / counts[m].clamp_min(1)[:, None]).float()
             old = self.prototypes[m].to(new.device) if self.prototypes is not None else None
             if old is None:
                 c = torch.where(present[:, None], new, torch.zeros_like(new))
@@ -288,7 +318,7 @@ class PMR(Regulator):
                 c = torch.where(present[:, None], torch.where(old_seen[:, None], mixed, new), old)
             new_protos[m] = c
         self.prototypes = new_protos
-        self.seen = old_seen | present
+        self.seen = old_seen | everywhere
 
     # ------------------------------------------------------------------ per step
     def on_after_forward(self, ctx) -> None:
@@ -299,21 +329,39 @@ class PMR(Regulator):
         seen = self.seen
         log_q = {m: prototype_log_probs(ctx.features[m], self.prototypes[m], seen) for m in mods}
         valid = seen.to(labels.device)[labels]  # samples whose class has a prototype
-        n_valid = valid.sum()
-        nll, probs, nlls = {}, [], []
+        present = ctx.present
+        keep = {m: None if present is None or m not in present else present[m].to(labels.device)
+                for m in mods}
+        nll, probs, nlls, counts = {}, [], [], []
         for m in mods:
+            ok = valid if keep[m] is None else valid & keep[m]  # absent rows: not m's data
+            n_m = ok.sum()
             lq_y = log_q[m].gather(1, labels[:, None]).squeeze(1)
-            lq_y = torch.where(valid, lq_y, torch.zeros_like(lq_y))  # 0 for class-less samples
-            nll[m] = -lq_y.sum() / n_valid.clamp_min(1)
-            probs.append(torch.where(valid, lq_y.detach().exp(), torch.zeros_like(lq_y)).sum())
+            lq_y = torch.where(ok, lq_y, torch.zeros_like(lq_y))  # 0 for excluded samples
+            nll[m] = -lq_y.sum() / n_m.clamp_min(1)
+            probs.append(torch.where(ok, lq_y.detach().exp(), torch.zeros_like(lq_y)).sum())
             nlls.append(-lq_y.detach().sum())
-        stats = probs + nlls + [n_valid.to(probs[0].dtype)]
+            counts.append(n_m.to(probs[0].dtype))
+        stats = probs + nlls + counts + [valid.sum().to(probs[0].dtype)]
         total = all_reduce_sum(torch.stack(stats).double())
         k = len(mods)
-        scores = {m: float(total[i]) for i, m in enumerate(mods)}
-        n_all = max(float(total[-1]), 1.0)
-        pce_logged = {m: float(total[k + i]) / n_all for i, m in enumerate(mods)}
-        beta, rho = pmr_coefficients(scores, self.alpha)
+        n_m = {m: float(total[2 * k + i]) for i, m in enumerate(mods)}
+        pce_logged = {m: float(total[k + i]) / max(n_m[m], 1.0) for i, m in enumerate(mods)}
+        if present is None:
+            scores = {m: float(total[i]) for i, m in enumerate(mods)}
+        else:  # a sum over unequal counts is no score: the mean, on the all-present sum's scale
+            n_valid = float(total[-1])
+            scores = {m: float(total[i]) * n_valid / n_m[m] if n_m[m] > 0 else 0.0
+                      for i, m in enumerate(mods)}
+        scored = [m for m in mods if n_m[m] > 0]
+        if present is None or len(scored) == len(mods):
+            beta, rho = pmr_coefficients(scores, self.alpha)
+        else:  # no sample of m to score: m is neutral (rho 1, no term), the rest compare
+            beta, rho = {m: 0.0 for m in mods}, {m: 1.0 for m in mods}
+            if len(scored) > 1:
+                part_beta, part_rho = pmr_coefficients({m: scores[m] for m in scored}, self.alpha)
+                beta.update(part_beta)
+                rho.update(part_rho)
         self.coefficients = beta
         for m in mods:
             if beta[m] > 0:
@@ -324,7 +372,9 @@ class PMR(Regulator):
                 if rho[m] > 1:
                     lq = log_q[m]  # -inf for classes without a prototype: 0 log 0 = 0
                     finite = torch.where(torch.isfinite(lq), lq, torch.zeros_like(lq))
-                    ent = -(lq.exp() * finite).sum(1).mean()
+                    ent = -(lq.exp() * finite).sum(1)
+                    ent = ent.mean() if keep[m] is None else (  # over the present rows only
+                        ent[keep[m]].sum() / keep[m].sum().clamp_min(1))
                     ctx.losses[f"pmr/entropy/{m}"] = -self.per_weight * ent
                     per[m] = self.per_weight
         self.record("score", scores)

@@ -108,7 +108,7 @@ class _EpochLoader:
             pick = order[start:start + self.batch_size]
             idx = self.entries[pick]
             if fetch is not None:  # modaldiag's in-memory dataset: one fancy-indexing call
-                batch = ({m: x[idx] for m, x in self.dataset.inputs.items()}, self.dataset.labels[idx])
+                batch = self.dataset[idx]  # (inputs, labels[, presence mask]) by fancy indexing
             else:
                 batch = default_collate([self.dataset[int(i)] for i in idx])
             self.regulator._pending_mask = self.masks[pick]

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..probes.diagnose import Diagnosis
+from ..probes.robustness import RobustnessResult
 from ..probes.window import learning_window as detect_window
 from ..utils.io import atomic_write_json, atomic_write_text, refuse_foreign_overwrite
 from . import plots
@@ -29,7 +30,8 @@ NOISE_POINTS = 1.0  # differences below this many points are called within seed-
 SPLIT = "test"  # the split of every accuracy compared
 #: the files write_comparison writes (it refuses to replace them in a folder it did not create)
 COMPARISON_FILES = ("report.html", "comparison.json", "comparison.csv",
-                    *(f"{stem}.{ext}" for stem in ("compare", "learning_windows")
+                    *(f"{stem}.{ext}" for stem in ("compare", "learning_windows", "robustness",
+                                                    "conditional_speed")
                       for ext in ("png", "svg")))
 
 def _open_epochs(history) -> dict[str, list[int]]:
@@ -126,10 +128,12 @@ def _diagnosis_record(rep, report: Path | None) -> dict:
     # diagnoses written before the split was recorded were measured on the training data
     split = get("split") or "train (older diagnosis)"
     verdict = get("verdict") or ("imbalanced" if get("dominant") else "unknown")
+    rob = get("robustness")
     return {"split": split, "verdict": verdict, "dominant": get("dominant"),
             "weakest": get("weakest"), "summary": get("summary") or "",
             "fused_accuracy": get("fused_accuracy"), "unimodal_acc": uni,
-            "report": str(report) if report is not None else None}
+            "report": str(report) if report is not None else None,
+            "robustness": rob.to_dict() if isinstance(rob, RobustnessResult) else rob}
 
 
 def regulator_text(recorded) -> str:
@@ -252,12 +256,50 @@ def _diagnosis_sections(labels, runs, diagnoses: dict, paths) -> list[Section]:
 
 
 def _without_summary(record: dict) -> dict:
-    """A run record for the page's configuration block: its diagnosis summary is already shown
-    above, so it is not repeated there."""
+    """A run record for the page's configuration block: its diagnosis summary and robustness
+    curves are already shown above, so they are not repeated there."""
     diag = record.get("diagnosis")
     if not diag:
         return record
-    return {**record, "diagnosis": {k: v for k, v in diag.items() if k != "summary"}}
+    return {**record, "diagnosis": {k: v for k, v in diag.items()
+                                    if k not in ("summary", "robustness")}}
+
+
+def _robustness_results(labels, found: dict) -> dict[str, RobustnessResult]:
+    """``{run label: RobustnessResult}`` of the runs whose saved diagnosis holds robustness
+    curves (``modaldiag diagnose`` computes them)."""
+    out = {}
+    for label in labels:
+        rob = (found.get(label) or {}).get("robustness")
+        if rob:
+            try:
+                out[label] = RobustnessResult.from_dict(rob)
+            except (KeyError, TypeError, ValueError):
+                continue
+    return out
+
+
+def _robustness_section(results: dict[str, RobustnessResult], out: Path,
+                        files: list[str]) -> Section | None:
+    """The robustness curves of every run on shared axes and a table of their AUCs."""
+    if not results:
+        return None
+    fig = plots.robustness_compare(results)
+    figure = (figure_to_data_uri(fig, close=False),
+              "Fused accuracy with one modality corrupted (colour = modality, line style = run), "
+              "from each run's saved diagnosis; "
+              + "; ".join(sorted({r.noise_definition for r in results.values()})))
+    files += [p.name for p in plots.save_figure(fig, out / "robustness")]
+    first = next(iter(results.values()))
+    level = f"{100 * first.level:g} %"
+    rows = [[label, r.split, r.n, c, m, r.auc[c][m], r.auc_low[c][m], r.auc_high[c][m]]
+            for label, r in results.items() for c in r.corruptions for m in r.modalities]
+    table = Table(["run", "split", "n", "corruption", "modality", "AUC", f"{level} CI low",
+                   f"{level} CI high"], rows,
+                  caption="Robustness AUC (area under fused accuracy over severities, "
+                          "normalised) of each run's saved diagnosis, with the split it was "
+                          "measured on. Overlapping intervals: no difference shown.")
+    return Section("Robustness", tables=[table], figures=[figure])
 
 
 def write_comparison(runs, out, *, diagnoses: dict | None = None,
@@ -324,6 +366,16 @@ def write_comparison(runs, out, *, diagnoses: dict | None = None,
                         "run on shared axes: Fisher trace per modality (line style = run), bars "
                         "under the curves = epochs the window was open."))
         files += [p.name for p in plots.save_figure(fig, out / "learning_windows")]
+    try:
+        fig = plots.conditional_speed(histories)
+    except ValueError:  # no run logged Greedy's conditional learning speed
+        pass
+    else:
+        figures.append((figure_to_data_uri(fig, close=False), "Conditional learning speed "
+                        "(Greedy's BDR per modality and d_speed per epoch, line style = run) of "
+                        "the runs that logged it."))
+        files += [p.name for p in plots.save_figure(fig, out / "conditional_speed")]
+    robust = _robustness_section(_robustness_results(labels, found), out, files)
 
     record = []
     for label, run, path in zip(labels, runs, paths, strict=True):
@@ -332,6 +384,7 @@ def write_comparison(runs, out, *, diagnoses: dict | None = None,
                        "window_open_epochs": _open_epochs(run.history),
                        "diagnosis": found.get(label)})
     sections = [Section("Result", verdict=summary, tables=_tables(frame, mods), figures=figures),
+                *([robust] if robust is not None else []),
                 *_diagnosis_sections(labels, runs, found, paths),
                 Section("Runs", config={"runs": [_without_summary(r) for r in record]})]
     atomic_write_text(out / "comparison.csv", frame.to_csv(index=False))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..probes.diagnose import register_renderers
+from ..probes.robustness import register_plot
 from ..utils.io import atomic_write_text
 from . import plots
 from .html import Link, Section, Table, figure_to_data_uri, render_page
@@ -38,7 +39,58 @@ def diagnosis_figures(rep) -> dict:
                                    f"Representation separability: k-means purity {fit_on}/"
                                    f"{scored_on}; linear probe fit on {fit_on}, scored on "
                                    f"{scored_on}")
+    rob = getattr(rep, "robustness", None)
+    if rob is not None:
+        figures["robustness"] = (plots.robustness(rob),
+                                 f"Fused accuracy on the {rob.split} split (n = {rob.n}) with one "
+                                 f"modality corrupted at a time; bands: {100 * rob.level:g} % "
+                                 f"bootstrap intervals; {rob.noise_definition}")
+    speed = (rep.config or {}).get("speed")
+    if speed:
+        figures["conditional_speed"] = (plots.conditional_speed(speed),
+                                        "Conditional learning speed logged during training "
+                                        "(Greedy's BDR per modality and d_speed, per epoch)")
     return figures
+
+
+#: figures shown in the Robustness section (the others are evidence)
+_ROBUSTNESS_FIGURES = ("robustness", "conditional_speed")
+
+
+def _robustness_section(rep, label: str, figures: list[tuple[str, str]]) -> Section | None:
+    rob, cu = getattr(rep, "robustness", None), getattr(rep, "conditional_utilization", None)
+    if rob is None and cu is None:
+        return None
+    tables, paragraphs = [], []
+    if rob is not None:
+        level = f"{100 * rob.level:g} %"
+        tables.append(Table(
+            ["corruption", "modality", "split", "n", "AUC", f"{level} CI low", f"{level} CI high",
+             "accuracy at the highest severity"],
+            [[c, m, rob.split, rob.n, rob.auc[c][m], rob.auc_low[c][m], rob.auc_high[c][m],
+              rob.accuracy[c][m][-1]] for c in rob.corruptions for m in rob.modalities],
+            caption=f"Area under the fused-accuracy curve over severities "
+                    f"{rob.severities[0]:g}-{rob.severities[-1]:g} (normalised: a flat curve "
+                    f"has AUC = the clean accuracy {rob.clean_accuracy:.3f}), {rob.split} split"))
+        paragraphs.append(
+            f"missing: a fraction of samples has the modality replaced by its '{rob.baseline}' "
+            "baseline; shuffle: a fraction takes the modality from another sample; "
+            f"{rob.noise_definition}. A flat curve means the fused model does not use that "
+            "modality; see docs/robustness.md.")
+    if cu is not None:
+        mods = list(cu)
+        tables.append(Table(
+            ["modality", "split", "n", "u_m = (A(N) - A(N without m)) / A(N)",
+             "A(N without m)"],
+            [[m, cu.split, cu.n, cu[m], cu.accuracy_without[m]] for m in mods],
+            caption=f"Conditional utilisation (Greedy), '{cu.baseline}' baseline; A(N) = "
+                    f"{cu.accuracy_all:.3f}; d_util = {cu.d_util:+.3f}"
+                    + (f" (u({mods[1]}|{mods[0]}) - u({mods[0]}|{mods[1]}))" if len(mods) == 2
+                       else " (max - min)")))
+        if cu.note:
+            paragraphs.append(cu.note)
+    return Section(f"Robustness and conditional utilisation{label}", paragraphs=paragraphs,
+                   tables=tables, figures=figures)
 
 
 def _level(rep) -> str:
@@ -118,11 +170,12 @@ def _per_modality(rep, baseline: str) -> Table:
 
 
 def diagnosis_sections(rep, name: str = "", class_names=None,
-                       figures: list[tuple[str, str]] | None = None) -> list[Section]:
-    """Verdict (with intervals), recommendation, evidence, per-class breakdown and figures of one
-    diagnosis.
+                       figures: dict | list | None = None) -> list[Section]:
+    """Verdict (with intervals), recommendation, evidence, per-class breakdown, robustness and
+    figures of one diagnosis.
 
-    ``figures``: already rendered ``(data URI, caption)`` pairs (rendered here when omitted).
+    ``figures``: already rendered ``{stem: (data URI, caption)}`` (or a list of pairs, all shown
+    as evidence); rendered here when omitted.
     """
     label = f" — {name}" if name else ""
     mods, split = list(rep.modalities), rep.split
@@ -140,7 +193,13 @@ def diagnosis_sections(rep, name: str = "", class_names=None,
                        for c, rec in sorted(rep.per_class.items())],
                       caption=f"Per class on the {split} split")
     if figures is None:
-        figures = [(figure_to_data_uri(fig), caption) for fig, caption in diagnosis_figures(rep).values()]
+        figures = {stem: (figure_to_data_uri(fig), caption)
+                   for stem, (fig, caption) in diagnosis_figures(rep).items()}
+    if not isinstance(figures, dict):
+        figures = {str(i): pair for i, pair in enumerate(figures)}
+    robust_figures = [figures[k] for k in _ROBUSTNESS_FIGURES if k in figures]
+    figures = [v for k, v in figures.items() if k not in _ROBUSTNESS_FIGURES]
+    robust = _robustness_section(rep, label, robust_figures)
     absence = (f"Absence: a missing modality's feature is replaced by its '{baseline}' baseline "
                "(the same for unimodal accuracy and Shapley).")
     # the summary already holds the disagreements: they are not repeated below it
@@ -152,12 +211,13 @@ def diagnosis_sections(rep, name: str = "", class_names=None,
         Section(f"Evidence{label}", tables=[evidence, _per_modality(rep, baseline)],
                 figures=figures),
         Section(f"Per class{label}", tables=[per_class]),
+        *([robust] if robust is not None else []),
         Section(f"Configuration{label}", config=rep.config),
     ]
 
 
 def diagnosis_html(rep, title: str = "modaldiag diagnosis", class_names=None,
-                   figures: list[tuple[str, str]] | None = None) -> str:
+                   figures: dict | list | None = None) -> str:
     return render_page(title, diagnosis_sections(rep, class_names=class_names, figures=figures),
                        subtitle=f"modalities: {', '.join(rep.modalities)}; verdict measured on "
                                 f"the {rep.split} split (n = {rep.n or rep.unimodal.n})")
@@ -167,12 +227,13 @@ def write_diagnosis(rep, directory: Path, title: str = "modaldiag diagnosis",
                     class_names=None) -> None:
     """Figures (PNG + SVG) and ``report.html`` of ``rep`` into ``directory``; each figure is
     drawn once and embedded in the page."""
-    embedded = []
+    embedded = {}
     for stem, (fig, caption) in diagnosis_figures(rep).items():
-        embedded.append((figure_to_data_uri(fig, close=False), caption))
+        embedded[stem] = (figure_to_data_uri(fig, close=False), caption)
         plots.save_figure(fig, directory / stem)
     atomic_write_text(directory / "report.html",
                       diagnosis_html(rep, title, class_names, figures=embedded))
 
 
 register_renderers(to_html=diagnosis_html, save=write_diagnosis)
+register_plot(plots.robustness)

@@ -28,7 +28,8 @@ from ..probes.window import learning_window as detect  # noqa: E402
 from ..utils.io import atomic_write_bytes  # noqa: E402
 
 __all__ = ["modality_colors", "unimodal_accuracy", "learning_window", "shapley", "separability",
-           "unimodal_bars", "compare", "learning_windows", "save_figure"]
+           "unimodal_bars", "compare", "learning_windows", "save_figure", "robustness",
+           "robustness_compare", "conditional_speed", "speed_series"]
 
 FUSED_COLOR = "#222222"
 
@@ -344,4 +345,154 @@ def learning_windows(histories, *, rule: str = "paper", K: float | None = None):
     axes[0, 0].set_title(title, fontsize=9)
     fig.legend(handles, [str(n) for n in windows], loc="outside lower center",
                ncol=min(4, len(windows)), frameon=False, fontsize=8)
+    return _literal(fig)
+
+
+#: x-axis label of each built-in corruption (custom ones: "severity (<name>)")
+_SEVERITY_LABELS = {"missing": "fraction of samples with the modality absent ({baseline} baseline)",
+                    "gaussian": "noise std / sigma_m ({space} space)",
+                    "shuffle": "fraction of samples with the modality from another sample"}
+
+
+def _severity_label(rob, corruption: str) -> str:
+    label = _SEVERITY_LABELS.get(corruption, f"severity ({corruption})")
+    return label.format(baseline=rob.baseline, space=rob.noise_space)
+
+
+def _robustness_axes(n_panels: int, ax):
+    if ax is None:
+        fig, axes = plt.subplots(1, n_panels, figsize=(3.6 * n_panels + 1.2, 3.4), sharey=True,
+                                 constrained_layout=True, squeeze=False)
+        return fig, list(axes[0])
+    axes = [ax] if not isinstance(ax, (list, tuple, np.ndarray)) else list(np.ravel(ax))
+    if len(axes) != n_panels:
+        raise ValueError(f"robustness plot: ax must hold one Axes per corruption ({n_panels}); "
+                         f"got {len(axes)}.")
+    return axes[0].figure, axes
+
+
+def robustness(rob, ax=None):
+    """Fused accuracy against severity: one panel per corruption, one curve per modality with
+    its bootstrap band, the clean accuracy dashed (``rob``: a RobustnessResult)."""
+    _style()
+    mods = list(rob.modalities)
+    colors = modality_colors(mods)
+    fig, axes = _robustness_axes(len(rob.corruptions), ax)
+    handles = []
+    for a, c in zip(axes, rob.corruptions, strict=True):
+        for m in mods:
+            line = a.plot(rob.severities, rob.accuracy[c][m], color=colors[m], lw=1.8,
+                          marker="o", ms=3)[0]
+            a.fill_between(rob.severities, rob.accuracy_low[c][m], rob.accuracy_high[c][m],
+                           color=colors[m], alpha=0.18, lw=0)
+            if c == rob.corruptions[0]:
+                handles.append(line)
+        clean = a.axhline(rob.clean_accuracy, color=FUSED_COLOR, ls="--", lw=1)
+        a.set_title(c)
+        a.set_xlabel(_severity_label(rob, c), fontsize=8)
+        a.set_ylim(0, 1.02)
+    axes[0].set_ylabel(f"fused accuracy ({rob.split}, n = {rob.n})")
+    # below the panels: long or many modality names never squeeze the axes
+    fig.legend([*handles, clean],
+               [*(f"{m} corrupted" for m in mods), f"clean {rob.clean_accuracy:.3f}"],
+               loc="outside lower center", ncol=min(4, len(mods) + 1), frameon=False,
+               fontsize=8)
+    fig.suptitle(f"Robustness on {rob.split}: bands = {100 * rob.level:g} % bootstrap CI; "
+                 f"sigma_m = std of all {rob.noise_space} entries of modality m", fontsize=9)
+    return _literal(fig)
+
+
+def robustness_compare(results):
+    """The robustness curves of several runs on shared axes: one panel per corruption, colour =
+    modality, line style = run (``results``: ``{run name: RobustnessResult}``)."""
+    _style()
+    if not results:
+        raise ValueError("robustness_compare() needs at least one RobustnessResult.")
+    first = next(iter(results.values()))
+    corruptions = list(dict.fromkeys(c for r in results.values() for c in r.corruptions))
+    mods = list(first.modalities)
+    colors = modality_colors(mods)
+    styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1))]
+    fig, axes = _robustness_axes(len(corruptions), None)
+    run_handles, mod_handles = [], []
+    for i, rob in enumerate(results.values()):
+        ls = styles[i % len(styles)]
+        for a, c in zip(axes, corruptions, strict=True):
+            if c not in rob.corruptions:
+                continue
+            for m in rob.modalities:
+                a.plot(rob.severities, rob.accuracy[c][m], color=colors.get(m, "0.5"), ls=ls,
+                       lw=1.6)
+        run_handles += axes[0].plot([], [], color=FUSED_COLOR, ls=ls, lw=1.6)
+    for m in mods:
+        mod_handles += axes[0].plot([], [], color=colors[m], lw=4)
+    for a, c in zip(axes, corruptions, strict=True):
+        a.set_title(c)
+        a.set_xlabel(_severity_label(first, c), fontsize=8)
+        a.set_ylim(0, 1.02)
+    splits = sorted({f"{r.split} (n = {r.n})" for r in results.values()})
+    axes[0].set_ylabel(f"fused accuracy ({', '.join(splits)})")
+    fig.legend([*run_handles, *mod_handles], [*(str(n) for n in results),
+                                              *(f"{m} corrupted" for m in mods)],
+               loc="outside lower center", ncol=min(4, len(results) + len(mods)), frameon=False,
+               fontsize=8)
+    return _literal(fig)
+
+
+def speed_series(history, modalities) -> dict[str, list[float]] | None:
+    """Greedy's conditional learning speed logged in a History: ``{"bdr.<m>": [...],
+    "d_speed": [...]}`` from keys ``speed.bdr.<m>`` / ``speed.d_speed`` (also under a prefix such
+    as ``regulator.``); None when not logged."""
+    frame = history.to_dataframe()
+    out = {}
+    for key in [f"bdr.{m}" for m in modalities] + ["d_speed"]:
+        cols = [c for c in frame.columns if c == f"speed.{key}" or c.endswith(f".speed.{key}")]
+        if cols:
+            out[key] = [float(v) for v in frame[cols[0]]]
+    return out or None
+
+
+def conditional_speed(histories):
+    """Greedy's conditional learning speed per epoch (BDR per modality, and d_speed) for one or
+    several runs: ``{run name: History}`` (keys ``speed.bdr.<m>``, ``speed.d_speed``) or
+    ``{run name: {"bdr.<m>": [...], "d_speed": [...]}}`` (a diagnosis' ``config["speed"]``).
+    ValueError when no run logged it."""
+    _style()
+    if not isinstance(histories, dict) or "d_speed" in histories or any(
+            str(k).startswith("bdr.") for k in histories):
+        histories = {"run": histories}
+    series = {}
+    for name, h in histories.items():
+        if hasattr(h, "to_dataframe"):
+            s = speed_series(h, h.modalities)
+            if s is not None:
+                series[name] = (h.series("epoch"), s)
+        elif h:
+            series[name] = (list(range(len(next(iter(h.values()))))), dict(h))
+    if not series:
+        raise ValueError("conditional_speed() needs a History with speed.bdr.<m> keys "
+                         "(logged by Greedy's monitor).")
+    mods = list(dict.fromkeys(k[4:] for _, s in series.values() for k in s if k.startswith("bdr.")))
+    colors = modality_colors(mods)
+    styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1))]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(6.4, 2.5), constrained_layout=True)
+    handles = []
+    for i, (epochs, s) in enumerate(series.values()):
+        ls = styles[i % len(styles)]
+        for m in mods:
+            if f"bdr.{m}" in s:
+                ax1.plot(epochs, s[f"bdr.{m}"], color=colors[m], ls=ls, lw=1.6)
+        if "d_speed" in s:
+            ax2.plot(epochs, s["d_speed"], color=FUSED_COLOR, ls=ls, lw=1.6)
+        handles += ax1.plot([], [], color=FUSED_COLOR, ls=ls, lw=1.6)
+    mod_handles = [ax1.plot([], [], color=colors[m], lw=4)[0] for m in mods]
+    ax1.set_title("BDR_m = log10(A_byp / A_main) (train steps)", fontsize=9)
+    ax2.set_title("d_speed = BDR_0 - BDR_1 (train steps)", fontsize=9)
+    ax2.axhline(0, color="0.6", lw=0.8)
+    for a in (ax1, ax2):
+        a.set_xlabel("epoch")
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    several = len(series) > 1
+    _legend(ax1, [*mod_handles, *(handles if several else [])],
+            [*mods, *(list(series) if several else [])], frameon=False, fontsize=8)
     return _literal(fig)

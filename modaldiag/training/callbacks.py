@@ -4,7 +4,7 @@ A step, in order::
 
     on_train_epoch_start(ctx)                    # once per epoch, before the first batch
       on_train_batch_start(ctx)
-      features = model.encode(inputs)
+      features = model.mask_features(model.encode(inputs), ctx.present)  # absent -> baseline
       features = transform_features(features, ctx)   # e.g. OPM drops features
       logits = model.head(features)                  # + unimodal logits when asked for
       on_after_forward(ctx)                          # add terms to ctx.losses
@@ -62,6 +62,8 @@ class StepContext:
     #: per-step squared gradient norm of each encoder, ``{m: float}``, published by a callback
     #: that takes its own optimizer steps (the gradients are gone when the monitor reads them)
     encoder_grad_sq: dict[str, float] | None = None
+    #: per-sample presence of the batch, ``{m: BoolTensor (B,)}`` (True = present), or None
+    present: dict[str, torch.Tensor] | None = None
     #: whether long work inside a hook (UMT's teacher training) may draw a progress bar
     progress: bool = False
 

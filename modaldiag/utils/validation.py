@@ -26,6 +26,8 @@ __all__ = [
     "check_choice",
     "as_plain_int",
     "unpack_batch",
+    "unpack_batch_present",
+    "check_presence",
     "Interval",
     "Options",
     "InstanceOf",
@@ -426,6 +428,12 @@ def unpack_batch(batch, modalities: Sequence[str] | None = None, *,
         raise ValueError(
             f"the loader{where} yielded a {type(batch).__name__}; modaldiag expects "
             f"(inputs: dict[str, Tensor], labels: LongTensor) pairs. Adapt it: {recipe}.")
+    if len(batch) == 3 and isinstance(batch[0], Mapping) and isinstance(batch[2], Mapping):
+        return batch[0], batch[1]  # (inputs, labels, present): see unpack_batch_present
+    if len(batch) == 3 and isinstance(batch[0], Mapping):
+        raise TypeError(
+            f"the loader{where} yielded (inputs, labels, {type(batch[2]).__name__}); the third item "
+            "must be the presence mask, a dict {modality: BoolTensor (B,)} (True = present).")
     if len(batch) != 2 or not isinstance(batch[0], Mapping):
         kinds = ", ".join(type(b).__name__ for b in batch)
         raise ValueError(
@@ -433,3 +441,64 @@ def unpack_batch(batch, modalities: Sequence[str] | None = None, *,
             "modaldiag expects (inputs: dict[str, Tensor], labels: LongTensor), one dict entry "
             f"per modality. Adapt it without copying data: {recipe}.")
     return batch[0], batch[1]
+
+
+def check_presence(present, modalities: Sequence[str], batch_size: int, *,
+                   batch_index: int | None = None) -> dict[str, torch.Tensor] | None:
+    """Validate a per-sample presence mask ``{m: BoolTensor (B,)}``; None when every sample has
+    every modality.
+
+    True means the modality is present for that sample; a modality left out of the dict is present
+    for every sample. Names are checked against ``modalities`` (with a "did you mean"), each value
+    must be a bool tensor of shape ``(batch_size,)``. Returns the entries that hold at least one
+    False (the rest change nothing), or None when none does.
+    """
+    where = f" (batch {batch_index})" if batch_index is not None else ""
+    if present is None:
+        return None
+    if not isinstance(present, Mapping):
+        raise TypeError(
+            f"the presence mask{where} must be a dict {{modality: BoolTensor (B,)}}; got "
+            f"{type(present).__name__}. Loaders yield (inputs, labels) or (inputs, labels, present).")
+    out = {}
+    for m, mask in present.items():
+        if m not in modalities:
+            close = closest_match(str(m), [str(k) for k in modalities])
+            hint = f" Did you mean {close!r}?" if close else ""
+            raise ValueError(
+                f"the presence mask{where} names {m!r}, which is not a modality of the model "
+                f"{list(modalities)}.{hint} Its keys must be modality names (a modality left out "
+                "is present for every sample).")
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(
+                f"the presence mask of modality {m!r}{where} must be a BoolTensor (B,); got "
+                f"{type(mask).__name__}. Use torch.as_tensor(values, dtype=torch.bool).")
+        if mask.dtype != torch.bool:
+            raise ValueError(
+                f"the presence mask of modality {m!r}{where} has dtype {mask.dtype}; it must be "
+                "torch.bool (True = present). Convert it with mask.bool() after checking that it "
+                "holds only 0/1.")
+        if tuple(mask.shape) != (batch_size,):
+            raise ValueError(
+                f"the presence mask of modality {m!r}{where} has shape {tuple(mask.shape)}; "
+                f"expected ({batch_size},): one flag per sample of the batch.")
+        if not bool(mask.all()):
+            out[m] = mask
+    return out or None
+
+
+def unpack_batch_present(batch, modalities: Sequence[str], *, batch_index: int | None = None
+                         ) -> tuple[Mapping, torch.Tensor, dict[str, torch.Tensor] | None]:
+    """``(inputs, labels, present)`` from one loader item.
+
+    A loader yields ``(inputs, labels)`` (every modality present for every sample; ``present`` is
+    then None) or ``(inputs, labels, present)`` with ``present`` a dict ``{m: BoolTensor (B,)}``
+    (True = present; a modality missing from the dict is present everywhere), validated by
+    :func:`check_presence`. ``present`` comes back None when every flag is True, so an all-True
+    mask trains and probes exactly like a 2-tuple batch.
+    """
+    inputs, labels = unpack_batch(batch, modalities, batch_index=batch_index)
+    if len(batch) == 2:
+        return inputs, labels, None
+    size = check_inputs(inputs, modalities, batch_index=batch_index)
+    return inputs, labels, check_presence(batch[2], modalities, size, batch_index=batch_index)

@@ -48,6 +48,10 @@ REGULATORS = {
                                        projection=True, teacher_epochs=1),
     "UME": lambda: md.UME(),
     "UME (separate)": lambda: md.UME(heads="separate"),
+    # its drop masks differ per rank by design (seeded with the rank); weights and logs do not
+    "ModalityDropout": lambda: md.ModalityDropout(p=0.3),
+    "Greedy": lambda: md.Greedy(epsilon=0.0, steps=2, warmup=1),
+    "Greedy (random)": lambda: md.Greedy(mode="random", warmup=0),
 }
 
 #: the head each regulator trains (MLA's gradient projection needs the shared linear head)
@@ -93,6 +97,9 @@ class Snapshot(md.training.Callback):
         if isinstance(reg, md.MLA):
             snap["projector"] = None if reg.projector is None else float(reg.projector.sum())
             snap["updates"] = reg.updates
+        if isinstance(reg, md.Greedy):
+            snap["greedy"] = {"bdr": dict(reg.last_bdr), "pending": reg.pending,
+                              "remaining": reg.remaining, "a_byp": dict(reg.speed.a_byp)}
         if isinstance(reg, md.UMT):
             snap["teachers"] = [float(p.double().sum()) for t in reg.teachers.values()
                                 for p in t.parameters()]
@@ -151,7 +158,8 @@ def main(out: str) -> None:
     results = {"world": world, "regulators": {}}
     for name, make in REGULATORS.items():
         torch.manual_seed(rank)  # different initial weights per rank: DDP must broadcast rank 0's
-        model = md.models.default_model(d, feature_dim=8, fusion=FUSION.get(name, "concat"))
+        model = (md.models.mid_fusion_model(d, widths=(8, 8)) if name.startswith("Greedy") else
+                 md.models.default_model(d, feature_dim=8, fusion=FUSION.get(name, "concat")))
         reg = make()
         snap = Snapshot(reg)
         hist = md.fit(model, d.train, val_loader=shard(d.val, rank, world).loader(64), epochs=3,
