@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 import modaldiag as md
+from modaldiag.benchmark.stats import holm
+from modaldiag.runs import prediction_rule
 
 from .common import RunCache, Table, optimizer_config, regulator_config, short
 
@@ -39,12 +41,24 @@ DATASETS = {  # name: (epochs, batch size, weak modality shown)
 }
 
 
-#: the field's other methods (issue 14) run on these datasets (5 seeds each)
+#: the field's other methods (issues 14 and 15) run on these datasets (5 seeds each)
 LATER_DATASETS = ("synthetic", "mfeat-fou-pix", "hapt")
 
+#: methods that need another architecture, compared with joint training of that architecture
+#: (same encoders' input shapes, budget and selection): MLA's projection needs the shared linear
+#: head, Greedy needs mid fusion (MMTM blocks between encoder stages)
+ARCHITECTURE = {"joint (shared head)": "shared", "MLA": "shared",
+                "joint (mid fusion)": "mid", "Greedy": "mid"}
+BASELINE = {"MLA": "joint (shared head)", "Greedy": "joint (mid fusion)"}
 
-def later_methods() -> dict:
-    """Issue 14's methods, default arguments (MMCosine: its auxiliary form on the concat head)."""
+#: the robustness claim (issue 16): joint training vs these, robustness AUC on the test split
+ROBUSTNESS_METHODS = ("joint", "InfoReg", "InfoReg*", "OGM-GE", "MMPareto", "ModalityDropout")
+
+
+def later_methods(epochs: int) -> dict:
+    """Issues 14 and 15's methods, default arguments (MMCosine: its auxiliary form on the concat
+    head; UMT's teachers train for half the run; ReconBoost's stages scaled to the run)."""
+    stage = max(1, min(4, epochs // 8))
     return {
         "AGM": lambda: md.AGM(),
         "PMR": lambda: md.PMR(),
@@ -54,13 +68,20 @@ def later_methods() -> dict:
         "LFM": lambda: md.LFM(),
         "G-Blending": lambda: md.GBlending(),
         "AMCo": lambda: md.AMCo(),
+        "joint (shared head)": lambda: None,
+        "MLA": lambda: md.MLA(),
+        "UMT": lambda: md.UMT(teacher_epochs=max(1, epochs // 2)),
+        "UME": lambda: md.UME(),
+        "ReconBoost": lambda: md.ReconBoost(stage, stage),
+        "joint (mid fusion)": lambda: None,
+        "Greedy": lambda: md.Greedy(warmup=min(2, epochs // 3)),
     }
 
 
 def methods(epochs: int, dataset: str | None = None) -> dict:
     """The methods run on ``dataset`` (every method when None)."""
     every = max(1, epochs // 3)
-    later = later_methods() if dataset is None or dataset in LATER_DATASETS else {}
+    later = later_methods(epochs) if dataset is None or dataset in LATER_DATASETS else {}
     return {
         "joint": lambda: None,
         "InfoReg": lambda: md.InfoReg(),
@@ -71,9 +92,14 @@ def methods(epochs: int, dataset: str | None = None) -> dict:
         "MMPareto": lambda: md.MMPareto(),
         "Valuation (sample)": lambda: md.ValuationResampling("sample", warmup=min(5, epochs // 4)),
         "Valuation (modality)": lambda: md.ValuationResampling("modality", warmup=min(5, epochs // 4)),
+        "ModalityDropout": lambda: md.ModalityDropout(p=0.3),
         **later,
     }
 
+
+#: md.robustness on the test split of every run (feature space; severities and bootstrap stated)
+ROBUSTNESS = {"corruptions": ("missing", "gaussian", "shuffle"),
+              "severities": (0.0, 0.25, 0.5, 0.75, 1.0), "n_resamples": 200, "seed": 0}
 
 SPLIT_SEED = 0  # train/val/test split of every dataset (and the synthetic generator's seed)
 LR, WEIGHT_DECAY = 0.01, 1e-4  # md.fit's defaults, passed explicitly so the cache key records them
@@ -90,8 +116,11 @@ def _data(name: str):
 _config_data = functools.lru_cache(maxsize=2)(_data)  # run_config only; run_one loads afresh
 
 
-def _model(data):
-    return md.models.default_model(data)
+def _model(data, method: str = "joint"):
+    kind = ARCHITECTURE.get(method, "concat")
+    if kind == "mid":
+        return md.models.mid_fusion_model(data)
+    return md.models.default_model(data, fusion=kind)
 
 
 def _optimizer(model):
@@ -103,7 +132,7 @@ def run_config(name: str, method: str, seed: int, epochs: int, batch_size: int) 
     key adds as the code fingerprint): the cache key of the run is a hash of this dict."""
     data = _config_data(name)
     torch.manual_seed(seed)
-    model = _model(data)
+    model = _model(data, method)
     return {
         "dataset": name, "split_seed": SPLIT_SEED,
         "dataset_args": SYNTHETIC if name == "synthetic" else {"seed": SPLIT_SEED},
@@ -114,21 +143,27 @@ def run_config(name: str, method: str, seed: int, epochs: int, batch_size: int) 
         "selection": "md.fit restore_best on the validation split", "torch": torch.__version__,
         # conv/BLAS reductions depend on the thread count: hapt's numbers move with it
         "torch_threads": torch.get_num_threads(),
+        "robustness": ROBUSTNESS,
     }
 
 
 def run_one(name: str, method: str, seed: int, epochs: int, batch_size: int) -> dict:
     data = _data(name)
     torch.manual_seed(seed)
-    model = _model(data)
+    model = _model(data, method)
+    regulator = methods(epochs, name)[method]()
     t0 = time.perf_counter()
     md.fit(model, data.train.loader(batch_size, shuffle=True), data.val.loader(512), epochs=epochs,
-           optimizer=_optimizer(model), regulator=methods(epochs, name)[method](), seed=seed,
-           progress=False)
+           optimizer=_optimizer(model), regulator=regulator, seed=seed, progress=False)
     seconds = time.perf_counter() - t0
-    ev = md.probes.evaluate(model, data.test.loader(512))
+    rule = prediction_rule(regulator, model)
+    test = data.test.loader(512)
+    ev = md.probes.evaluate(model, test, predict=rule)
+    rob = md.robustness(model, test, **ROBUSTNESS)
     return {"test_acc": ev.accuracy, "unimodal": {m: s.accuracy for m, s in ev.unimodal.items()},
-            "seconds": seconds}
+            "seconds": seconds, "prediction": "head" if rule is None else "method's predict",
+            "robustness_auc": {f"{r.modality}|{r.corruption}": float(r.auc)
+                               for r in rob.auc_frame().itertuples()}}
 
 
 PAPER_GAINS = {  # fused accuracy gains reported by the papers (points), from METHODS.md
@@ -174,6 +209,7 @@ def run(quick: bool = False, seeds: int | None = None) -> list[Table]:
     fp = short(cache.code)
     tables = []
     summary: dict[str, dict[str, float]] = {}
+    robustness_runs: dict[str, dict[str, list[dict]]] = {}
     for name, (epochs, bs, weak) in datasets.items():
         if quick:
             epochs = 4
@@ -197,31 +233,86 @@ def run(quick: bool = False, seeds: int | None = None) -> list[Table]:
                  f"Every cell was produced by modaldiag code {fp} (sha256 of the package's .py "
                  "sources) with the configuration recorded in its cache entry.",
         )
-        base = runs["joint"]
         for method, rs in runs.items():
+            base = runs[BASELINE.get(method, "joint")]
+            is_base = method.startswith("joint")
             fused = [r["test_acc"] for r in rs]
             weak_acc = [r["unimodal"][shown] for r in rs]
             d_f, p_f = _paired([a["test_acc"] - b["test_acc"] for a, b in zip(rs, base, strict=True)])
             d_w, p_w = _paired([a["unimodal"][shown] - b["unimodal"][shown]
                                 for a, b in zip(rs, base, strict=True)])
             all_uni = ", ".join(f"{m} {100 * np.mean([r['unimodal'][m] for r in rs]):.0f}" for m in mods)
-            table.rows.append([method, _fmt(fused), "—" if method == "joint" else f"{100 * d_f:+.1f}",
-                               _fmt_p(p_f, method), _fmt(weak_acc),
-                               "—" if method == "joint" else f"{100 * d_w:+.1f}", _fmt_p(p_w, method), all_uni,
+            label = f"{method} (vs {BASELINE[method]})" if method in BASELINE else method
+            table.rows.append([label, _fmt(fused), "—" if is_base else f"{100 * d_f:+.1f}",
+                               "—" if is_base else _fmt_p(p_f, method), _fmt(weak_acc),
+                               "—" if is_base else f"{100 * d_w:+.1f}",
+                               "—" if is_base else _fmt_p(p_w, method), all_uni,
                                float(np.mean([r["seconds"] for r in rs]))])
         tables.append(table)
         summary[name] = {method: float(np.mean([a["test_acc"] - b["test_acc"] for a, b in
-                                               zip(rs, base, strict=True)])) for method, rs in runs.items()}
+                                               zip(rs, runs[BASELINE.get(method, "joint")],
+                                                   strict=True)]))
+                         for method, rs in runs.items()}
+        robustness_runs[name] = {m: runs[m] for m in ROBUSTNESS_METHODS if m in runs}
     analysis = Table(
         "Reported vs measured: fused-accuracy gain over joint training (points; measured = mean "
-        "paired difference over seeds on each dataset above)",
+        "paired difference over seeds on each dataset above; MLA and Greedy against joint "
+        "training of their own architecture)",
         ["method", "papers (audio-visual benchmarks)", *summary],
         note=_provenance(cache),
     )
     for method in methods(10):
-        if method == "joint":
+        if method.startswith("joint"):
             continue
         analysis.rows.append([method, PAPER_GAINS.get(method, "—"),
                               *[f"{100 * summary[d][method]:+.1f}" if method in summary[d] else
                                 "not run" for d in summary]])
-    return [analysis, *tables]
+    return [analysis, robustness_table(robustness_runs, n_seeds, fp), *tables]
+
+
+def _holm(pvalues: dict) -> dict:
+    """Holm-adjusted p-values by name (NaN entries are not counted and stay NaN)."""
+    return dict(zip(pvalues, holm(list(pvalues.values())), strict=True))
+
+
+def robustness_table(runs_by_dataset: dict, n_seeds: int, fp: str) -> Table:
+    """The robustness claim (issue 16): AUC of fused test accuracy over severity, per modality
+    and corruption, joint training vs each method; paired over seeds, Holm across methods."""
+    table = Table(
+        f"Robustness to a missing or corrupted modality: joint training vs InfoReg, InfoReg*, "
+        f"OGM-GE, MMPareto and ModalityDropout ({n_seeds} seeds, same budget as the tables below; "
+        f"robustness AUC % on the test split = mean fused test accuracy over severities "
+        f"0-1 of the corruption; Δ = paired difference to joint training, p Holm-corrected across "
+        f"the five methods within each dataset, modality and corruption; code {fp})",
+        ["dataset", "corruption of", "corruption", "joint AUC", *[f"Δ {m}" for m in
+                                                                 ROBUSTNESS_METHODS[1:]]],
+        note=("missing: a fraction s of test samples has the modality at the model's baseline "
+              "(zero features); gaussian: feature-space noise of s times the modality's feature "
+              "std; shuffle: a fraction s of samples take the modality from another sample. "
+              "Severities " + ", ".join(f"{v:g}" for v in ROBUSTNESS["severities"]) + ". "
+              "* marks a Holm-corrected p < 0.05 (positive: more robust than joint training)."),
+    )
+    for name, runs in runs_by_dataset.items():
+        if "joint" not in runs:
+            continue
+        keys = list(runs["joint"][0]["robustness_auc"])
+        for key in keys:
+            modality, corruption = key.split("|")
+            base = [r["robustness_auc"][key] for r in runs["joint"]]
+            diffs, pvals = {}, {}
+            for method in ROBUSTNESS_METHODS[1:]:
+                if method not in runs:
+                    continue
+                d = [r["robustness_auc"][key] - b for r, b in zip(runs[method], base, strict=True)]
+                diffs[method], pvals[method] = _paired(d)
+            adjusted = _holm(pvals)
+            cells = []
+            for method in ROBUSTNESS_METHODS[1:]:
+                if method not in diffs:
+                    cells.append("not run")
+                    continue
+                star = "*" if adjusted[method] < 0.05 else ""
+                cells.append(f"{100 * diffs[method]:+.1f}{star} (p {adjusted[method]:.3f})"
+                             if not math.isnan(adjusted[method]) else f"{100 * diffs[method]:+.1f}")
+            table.rows.append([name, modality, corruption, _fmt(base), *cells])
+    return table

@@ -239,7 +239,7 @@ def test_every_option_of_every_command_has_help_and_its_default():
             if action.default is not None and action.default is not False and action.option_strings:
                 assert f"(default: {action.default})" in text, (name, action.dest)
     train = " ".join(sub["train"].format_help().split())
-    assert "(default: concat; not with --model)" in train and "(default: joint)" in train
+    assert "(default: concat; shared for mla, mid for greedy; not with --model)" in train and "(default: joint)" in train
 
 
 def test_threads_option_sets_torch_threads(capsys):

@@ -136,6 +136,17 @@ def test_distributed_probes_equal_single_process_on_the_union(ddp_results):
     rep = md.diagnose(model, test.loader(17), val.loader(17))
     assert probes["diagnose"][:2] == [rep.dominant, rep.weakest]
     assert probes["diagnose"][2] == pytest.approx(rep.fused_accuracy)
+    # robustness: identical on both ranks; the clean (severity 0) and fully-missing (severity 1)
+    # points, which do not depend on which samples are picked, equal one process on the union
+    assert probes["robustness_mismatch"] == []
+    ddp = md.RobustnessResult.from_dict(probes["robustness"]).to_dataframe()
+    single = md.robustness(model, test.loader(17), n_resamples=50).to_dataframe()
+    for frame in (ddp, single):
+        frame.query("corruption == 'missing' and severity in (0.0, 1.0)", inplace=True)
+    key = ["modality", "severity"]
+    assert ddp.sort_values(key)["accuracy"].tolist() == pytest.approx(
+        single.sort_values(key)["accuracy"].tolist(), abs=1e-12)
+    assert ddp["n"].tolist() == single["n"].tolist()
 
 
 @pytest.mark.parametrize("regulator", [pytest.param("OGM-GE", marks=pytest.mark.slow), "MMPareto"])

@@ -81,6 +81,14 @@ def _fisher(**kwargs):
 
 
 PROBES = {
+    "robustness": lambda model, tmp: md.robustness(model, _loader(), noise_space="input",
+                                                   n_resamples=20),
+    "robustness-mean-from-loader": lambda model, tmp: md.robustness(
+        model, _loader(), baseline="mean", baseline_loader=_loader(), n_resamples=20),
+    "conditional_utilization": lambda model, tmp: md.probes.conditional_utilization(
+        model, _loader(), baseline_loader=_loader()),
+    "conditional_utilization-stored": lambda model, tmp: md.probes.conditional_utilization(
+        model, _loader()),
     "shapley": lambda model, tmp: md.shapley(model, _loader()),
     "shapley-zero-override": lambda model, tmp: md.shapley(model, _loader(), baseline="zero"),
     "shapley-mean-from-loader": lambda model, tmp: md.shapley(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -287,6 +288,7 @@ def test_round_trip_frames_and_plot(trained, tmp_path):
     assert len(fig.axes) == 3
     texts = [ax.get_ylabel() for ax in fig.axes] + [ax.get_xlabel() for ax in fig.axes]
     assert any("test" in t for t in texts) and any("sigma" in t for t in texts)
+    plt.close(fig)
 
 
 def test_model_and_rng_state_are_left_as_found():
@@ -390,3 +392,4 @@ def test_saved_diagnosis_and_comparison_show_the_curves(trained, tmp_path):
     # 3 panels x 2 runs x 2 modalities curves (+ clean-free legend proxies on the first panel)
     assert sum(len([ln for ln in ax.get_lines() if len(ln.get_xdata())]) for ax in fig.axes) \
         == 3 * 2 * 2
+    plt.close(fig)

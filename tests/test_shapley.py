@@ -239,6 +239,7 @@ def test_result_object_and_shap_plots(synth):
     assert len(sub) == int((sv.labels == 0).sum())
     expl = sv.to_shap()
     assert expl.values.shape == (len(sv), 2) and list(expl.feature_names) == ["a", "b"]
+    plt.figure()  # shap draws on the current axes: a fresh figure, whatever ran before
     shap.plots.bar(expl, show=False)
     plt.close("all")
     shap.plots.beeswarm(expl, show=False)

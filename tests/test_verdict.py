@@ -271,8 +271,9 @@ def test_to_frame_from_dict_and_csv_files(held_out, tmp_path):
     frame = rep.to_frame()
     assert list(frame.columns) == FRAME_COLUMNS
     m = len(rep.modalities)
-    # fused + (accuracy, Shapley, low share, Fisher) per modality + (2 purities, probe) per modality
-    assert frame.shape == (1 + 4 * m + 3 * m, 7)
+    # fused + (accuracy, Shapley, low share, Fisher) per modality + (2 purities, probe) per
+    # modality + robustness AUC (3 corruptions) per modality + conditional utilisation per modality
+    assert frame.shape == (1 + 4 * m + 3 * m + 3 * m + m, 7)
     acc = frame[frame.probe == ACCURACY].set_index("modality")
     assert acc.loc["a", "ci_low"] < acc.loc["a", "value"] < acc.loc["a", "ci_high"]
     assert frame[frame.probe == "purity"][["ci_low", "ci_high"]].isna().all().all()

@@ -34,8 +34,8 @@ from ..utils.validation import (
 )
 
 __all__ = ["contract_model", "iterate_batches", "eval_mode", "probe_state", "baseline_context",
-           "resolve_baseline", "autocast_context", "encode_checked", "present_of", "ProbeInputs", "light_probe_state",
-           "BASELINES", "BASELINE_CONSTRAINT", "SEED", "ITERABLE"]
+           "resolve_baseline", "autocast_context", "encode_checked", "present_of", "ProbeInputs",
+           "light_probe_state", "split_of", "BASELINES", "BASELINE_CONSTRAINT", "SEED", "ITERABLE"]
 
 BASELINES = ("zero", "mean")
 #: ``baseline=`` of every probe: None (the model's stored baseline) or an override
@@ -217,3 +217,17 @@ def baseline_context(model: MultimodalModel, baseline: str | None,
             model._baseline_kind = saved_kind
         else:
             model.__dict__.pop("_baseline_kind", None)
+
+
+def split_of(loader) -> str | None:
+    """The ``split`` attribute of a loader's dataset (following ``.dataset`` through wrappers
+    such as ``Subset`` or a batch view), or None."""
+    obj = loader
+    for _ in range(4):
+        obj = getattr(obj, "dataset", None)
+        if obj is None:
+            return None
+        name = getattr(obj, "split", None)
+        if isinstance(name, str) and name:
+            return name
+    return None

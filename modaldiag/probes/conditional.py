@@ -29,8 +29,15 @@ import torch
 
 from ..utils.distributed import all_reduce_sum
 from ..utils.validation import BOOL, Options, Satisfies, validate_params
-from ._common import BASELINES, ITERABLE, baseline_context, contract_model, probe_state
-from .robustness import FeatureCache, cache_features, split_of
+from ._common import (
+    BASELINES,
+    ITERABLE,
+    baseline_context,
+    contract_model,
+    probe_state,
+    split_of,
+)
+from .robustness import FeatureCache, cache_features
 
 __all__ = ["conditional_utilization", "ConditionalUtilization", "conditional_utilization_rates",
            "utilization_difference"]

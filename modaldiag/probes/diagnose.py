@@ -61,6 +61,7 @@ from ._common import (
     baseline_context,
     contract_model,
     probe_state,
+    split_of,
 )
 from .conditional import ConditionalUtilization, conditional_from_cache
 from .fisher import FISHER_FORMS, fisher_trace
@@ -71,7 +72,6 @@ from .robustness import (
     RobustnessResult,
     cache_features,
     robustness_from_cache,
-    split_of,
 )
 from .separability import Separability, _separability, collect_features, linear_probe_accuracy
 from .shapley import ShapleyValues, shapley

@@ -70,11 +70,12 @@ from ._common import (
     iterate_batches,
     present_of,
     probe_state,
+    split_of,
 )
 from .verdict import _boot_means
 
 __all__ = ["robustness", "RobustnessResult", "CORRUPTIONS", "NOISE_SPACES", "DEFAULT_SEVERITIES",
-           "robustness_auc", "split_of", "register_plot"]
+           "robustness_auc", "register_plot"]
 
 #: the built-in corruptions
 CORRUPTIONS = ("missing", "gaussian", "shuffle")
@@ -90,20 +91,6 @@ _PLOT: dict = {}
 def register_plot(fn) -> None:
     """Register ``fn(result, ax=None) -> Figure`` as :meth:`RobustnessResult.plot`."""
     _PLOT["plot"] = fn
-
-
-def split_of(loader) -> str | None:
-    """The ``split`` attribute of a loader's dataset (following ``.dataset`` through wrappers
-    such as ``Subset`` or a batch view), or None."""
-    obj = loader
-    for _ in range(4):
-        obj = getattr(obj, "dataset", None)
-        if obj is None:
-            return None
-        name = getattr(obj, "split", None)
-        if isinstance(name, str) and name:
-            return name
-    return None
 
 
 def robustness_auc(severities: Sequence[float], values: Sequence[float]) -> float:
@@ -509,7 +496,8 @@ def robustness(model, loader: Iterable, *, corruptions=CORRUPTIONS,
         ``.to_dataframe()``, ``.auc_frame()``, ``.plot()``, ``.to_dict()``, ``.summary()``.
 
     The model (every submodule's mode, ``requires_grad``, ``.grad``, buffers) and the global RNG
-    states are left exactly as found. Encoders run once per sample (twice with input noise).
+    states are left exactly as found. Encoders run once per sample (with input noise, once more
+    per noisy severity and modality, on the raw inputs kept on the CPU).
     """
     validate_params(_ROBUSTNESS_CONSTRAINTS,
                     {"loader": loader, "noise_space": noise_space, "n_resamples": n_resamples,

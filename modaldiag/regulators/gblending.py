@@ -322,15 +322,18 @@ class GBlending(Regulator):
         self.record_epoch("estimated", 1.0)
 
     @staticmethod
-    def _branch_rows(inputs, labels, present, k: int, mods):
-        """``(inputs, labels, present)`` branch k learns from: the whole batch with its mask
-        (fused branch), else the rows where modality ``mods[k]`` is present (no mask left)."""
+    def _branch_batch(batch, mods, k: int, index: int, device):
+        """``(inputs, labels, present)`` of one loader item on ``device``, as branch k learns
+        from it: the whole batch with its presence mask (fused branch), else only the rows where
+        modality ``mods[k]`` is present (selected before encoding; no mask left)."""
+        inputs, labels, present = unpack_batch_present(batch, mods, batch_index=index)
+        inputs, labels = to_device(inputs, device), labels.to(device)
+        present = to_device(present, device) if present is not None else None
         if k == len(mods):
             return inputs, labels, present
         keep = (present or {}).get(mods[k])
         if keep is None:
             return inputs, labels, None
-        keep = keep.to(labels.device)
         return {o: x[keep] for o, x in inputs.items()}, labels[keep], None
 
     def _branch_logits(self, model, heads, inputs, k: int, *, released: bool,
@@ -387,10 +390,12 @@ class GBlending(Regulator):
         model.eval()
         total = torch.zeros(1, dtype=torch.float64, device=device)
         for i, batch in enumerate(loader):
-            inputs, labels = unpack_batch(batch, model.modalities, batch_index=i)
-            inputs, labels = to_device(inputs, device), labels.to(device)
-            total += F.cross_entropy(self._branch_logits(model, heads, inputs, k, released=True)
-                                     .float(), labels).double()
+            inputs, labels, present = self._branch_batch(batch, model.modalities, k, i, device)
+            if labels.shape[0] == 0:  # no sample where modality k is present
+                continue
+            total += F.cross_entropy(self._branch_logits(model, heads, inputs, k, released=True,
+                                                         present=present).float(),
+                                     labels).double()
         return float(all_reduce_sum(total))
 
     def _trial_optimizer(self, optimizer, memo: dict):
@@ -448,13 +453,19 @@ class GBlending(Regulator):
         """One trial epoch on branch k's CE; returns the all-reduced sum of batch losses."""
         total = torch.zeros(1, dtype=torch.float64, device=device)
         distributed = world_size() > 1
+        batchnorm = any(isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training
+                        for mod in model.modules())
         for i, batch in enumerate(loader):
-            inputs, labels = unpack_batch(batch, model.modalities, batch_index=i)
-            inputs, labels = to_device(inputs, device), labels.to(device)
+            inputs, labels, present = self._branch_batch(batch, model.modalities, k, i, device)
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(self._branch_logits(model, heads, inputs, k, released=released)
-                                   .float(), labels)
-            bad = torch.zeros(1, device=device) + (0.0 if torch.isfinite(loss) else 1.0)
+            n = labels.shape[0]
+            # no row of branch k (modality k absent from the whole batch), or one row that a
+            # BatchNorm in training mode cannot normalise: skipped (on every rank alike)
+            loss = None if n == 0 or (n == 1 and batchnorm) else F.cross_entropy(
+                self._branch_logits(model, heads, inputs, k, released=released,
+                                    present=present).float(), labels)
+            bad = torch.zeros(1, device=device) + (
+                0.0 if loss is not None and torch.isfinite(loss) else 1.0)
             if float(all_reduce_sum(bad)) > 0:  # skipped on every rank alike
                 continue
             loss.backward()

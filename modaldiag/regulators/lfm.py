@@ -51,6 +51,14 @@ it changes no BatchNorm statistics and no random stream (the releases let its fo
 BatchNorm statistics). Under DDP ``h`` is averaged over ranks before use, so every rank holds the
 same ``alpha``.
 
+Missing modalities (batches ``(inputs, labels, present)``): the features of an absent entry are the
+baseline (as in every step), so ``CE(z)`` covers every sample; but the gap between the outputs of
+m and k is only defined for a sample that has both, so the alignment of pair (m, k) is the mean of
+``J`` over the samples where both are present (a pair with no such sample in the batch adds 0; ``A``
+stays the mean over all pairs). Aligning a modality's outputs with the all-baseline head's would
+train towards a constant, not close a modality gap. The learnable schedule's held-out batch keeps
+its presence mask and is treated the same way.
+
 Logged per epoch: ``alpha_c``, ``alpha_a``, ``h`` and ``lr_alpha`` (learnable), and per-epoch
 sample means (over all ranks) of ``alignment`` (A) and ``ce``.
 """
@@ -70,7 +78,7 @@ from ..utils.validation import (
     Interval,
     Options,
     Satisfies,
-    unpack_batch,
+    unpack_batch_present,
 )
 from .base import (
     EpochMeans,
@@ -96,9 +104,11 @@ def lfm_fitted_alpha(epoch: int, clip: bool = True) -> float:
     return min(ALPHA_MAX, max(ALPHA_MIN, value)) if clip else value
 
 
-def lfm_alignment(z_p: torch.Tensor, z_q: torch.Tensor, kind: str = "released") -> torch.Tensor:
+def lfm_alignment(z_p: torch.Tensor, z_q: torch.Tensor, kind: str = "released",
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
     """Batch mean of ``J(softmax z_p, softmax z_q)`` (``kind="released"``) or of the textbook
-    Jensen-Shannon divergence (``kind="js"``)."""
+    Jensen-Shannon divergence (``kind="js"``). ``mask`` (optional, BoolTensor (B,)): the mean
+    runs over the rows where it is True (0, still in the graph, when none is)."""
     logp, logq = F.log_softmax(wide(z_p), -1), F.log_softmax(wide(z_q), -1)
     p, q = logp.exp(), logq.exp()
     r = 0.5 * (p + q)
@@ -107,7 +117,18 @@ def lfm_alignment(z_p: torch.Tensor, z_q: torch.Tensor, kind: str = "released") 
         per = 0.5 * ((p * (logp - logr)).sum(-1) + (q * (logq - logr)).sum(-1))
     else:
         per = 0.5 * ((r * (logr - logp)).sum(-1) + (r * (logr - logq)).sum(-1))
-    return per.mean()
+    if mask is None:
+        return per.mean()
+    mask = mask.to(per.device)
+    return per[mask].mean() if bool(mask.any()) else per.sum() * 0.0
+
+
+def _both_present(present, a: str, b: str) -> torch.Tensor | None:
+    """Samples that have both modalities ``a`` and ``b`` (None: every sample)."""
+    masks = [present[m] for m in (a, b) if present and m in present]
+    if not masks:
+        return None
+    return masks[0] if len(masks) == 1 else masks[0] & masks[1].to(masks[0].device)
 
 
 class LFM(Regulator):
@@ -220,9 +241,12 @@ class LFM(Regulator):
             return released_unimodal_logits(ctx_model, features, grad=True)
         return ctx_model.unimodal_logits(features)
 
-    def _alignment(self, model, uni) -> torch.Tensor:
+    def _alignment(self, model, uni, present=None) -> torch.Tensor:
+        """``A``: the mean over pairs of each pair's mean ``J`` over the samples that have both
+        modalities (``present``: the batch's presence mask, None when nothing is absent)."""
         pairs = list(combinations(model.modalities, 2))
-        total = sum(lfm_alignment(uni[a], uni[b], self.alignment) for a, b in pairs)
+        total = sum(lfm_alignment(uni[a], uni[b], self.alignment,
+                                  mask=_both_present(present, a, b)) for a, b in pairs)
         return total / len(pairs)
 
     def on_train_epoch_start(self, ctx) -> None:
@@ -251,24 +275,27 @@ class LFM(Regulator):
                 first = next(iter(loader), None)
             if first is None:
                 raise ValueError("LFM(schedule='learnable'): the validation loader is empty.")
-            inputs, labels = unpack_batch(first, ctx.model.modalities, batch_index=0)
+            inputs, labels, present = unpack_batch_present(first, ctx.model.modalities,
+                                                           batch_index=0)
             n = max(1, int(labels.shape[0] * self.held_out))
-            self._batch = ({m: x[:n] for m, x in inputs.items()}, labels[:n])
+            kept = {m: v[:n] for m, v in (present or {}).items() if not bool(v[:n].all())}
+            self._batch = ({m: x[:n] for m, x in inputs.items()}, labels[:n], kept or None)
         return self._batch
 
     def hypergradient(self, ctx) -> float:
         """``h`` on the fixed held-out batch, averaged over DDP ranks (see the module docstring)."""
         model = ctx.model
-        inputs, labels = self._held_out_batch(ctx)
+        inputs, labels, present = self._held_out_batch(ctx)
         ref = next(iter(model.parameters()))
         device = ctx.device if ctx.device is not None else ref.device
         inputs, labels = to_device(inputs, device), labels.to(device)
+        present = to_device(present, device) if present is not None else None
         params = [p for p in model.parameters() if p.requires_grad]
         with preserved_state(model), torch.enable_grad():
             model.train()
-            features = model.encode(inputs)
+            features = model.mask_features(model.encode(inputs), present)
             ce = F.cross_entropy(model.head(features), labels)
-            align = self._alignment(model, self._unimodal(model, features))
+            align = self._alignment(model, self._unimodal(model, features), present)
             total = self.alpha_c * ce + self.alpha_a * align
             g = torch.autograd.grad(total, params, create_graph=True, allow_unused=True)
             g_ce = torch.autograd.grad(ce, params, retain_graph=True, allow_unused=True)
@@ -293,7 +320,7 @@ class LFM(Regulator):
         uni = (ctx.compute_unimodal_logits() if self.variant == "paper"
                else released_unimodal_logits(model, ctx.features, grad=True))
         ce = ctx.losses["multimodal"]
-        align = self._alignment(model, uni)
+        align = self._alignment(model, uni, ctx.present)
         # L = 2 [alpha_c CE + alpha_a A]; the loop already holds CE(z) as "multimodal"
         ctx.losses["lfm/ce_weight"] = (2.0 * self.alpha_c - 1.0) * ce
         ctx.losses["lfm/alignment"] = 2.0 * self.alpha_a * align

@@ -35,6 +35,17 @@ form, weight and epochs were not retrievable and the released scripts lack it): 
 (raising the entropy of the fast modality's prototype distribution, against premature
 convergence).
 
+Missing modalities (batches ``(inputs, labels, present)``): a prototype characterises modality m,
+so ``c_{m,k}`` is the mean over the class-k samples *where m is present* (per-modality class
+counts, summed over ranks); a class with no present sample of m keeps its old ``c_{m,k}``, and a
+class is *seen* (usable in the softmax and as a target) once it has a prototype in every modality
+(the reader goes on until then, as for an unseen class). Per step, m's prototype cross-entropy,
+its entropy term and its score leave out the samples where m is absent (their features are the
+baseline, not m's data). As the modalities then count different samples, ``s_m`` becomes the mean
+over m's present samples times the number of samples with a prototype (the sum's scale; without
+a mask it is the sum above, bit for bit); a step where m has no present sample leaves m neutral
+(``rho_m = 1``, ``beta_m = 0``) and compares the others among themselves.
+
 ``variant="released"`` (authors' public code, fanyunfeng-bit/Modal-Imbalance-PMR,
 ``main_Prototype_grad.py``): the window is inclusive ``[start_epoch, end_epoch]``, and the momentum
 is first applied at epoch 2 (the released code computes the prototypes after each epoch and skips
@@ -347,14 +358,16 @@ class PMR(Regulator):
         k = len(mods)
         n_m = {m: float(total[2 * k + i]) for i, m in enumerate(mods)}
         pce_logged = {m: float(total[k + i]) / max(n_m[m], 1.0) for i, m in enumerate(mods)}
-        if present is None:
+        n_valid = float(total[-1])
+        # decided on all-reduced counts, so every DDP rank takes the same branch
+        uniform = all(n_m[m] == n_valid for m in mods)
+        if uniform:  # nothing absent among the samples with a prototype: the sums, as released
             scores = {m: float(total[i]) for i, m in enumerate(mods)}
         else:  # a sum over unequal counts is no score: the mean, on the all-present sum's scale
-            n_valid = float(total[-1])
             scores = {m: float(total[i]) * n_valid / n_m[m] if n_m[m] > 0 else 0.0
                       for i, m in enumerate(mods)}
         scored = [m for m in mods if n_m[m] > 0]
-        if present is None or len(scored) == len(mods):
+        if uniform or len(scored) == len(mods):
             beta, rho = pmr_coefficients(scores, self.alpha)
         else:  # no sample of m to score: m is neutral (rho 1, no term), the rest compare
             beta, rho = {m: 0.0 for m in mods}, {m: 1.0 for m in mods}

@@ -37,6 +37,9 @@ the higher validation accuracy (a tie goes to UME, the cheaper one, with no dist
 Missing modalities (batches ``(inputs, labels, present)``, ``ctx.present``): every per-sample mean
 above (teacher CE, distillation MSE, UME's unimodal CE, teacher accuracy) runs over the samples
 where that modality is present; a batch without any gives a zero term that is still in the graph.
+Teacher m trains on exactly the present subset of each batch: the rows are selected before its
+encoder runs (a BatchNorm in training mode never sees a placeholder input) and a batch without a
+present row takes no optimizer step (SGD's momentum and weight decay do not move the teacher).
 
 DDP: teacher training averages its gradients over ranks at every step (the teachers start from the
 DDP-broadcast encoders and seeded heads, so every rank ends with identical teachers); teacher
@@ -70,6 +73,7 @@ from ..utils.validation import (
     as_plain_int,
     closest_match,
     unpack_batch,
+    unpack_batch_present,
 )
 from .base import (
     EPOCH_END,
@@ -216,11 +220,17 @@ def _any_rank(flag: bool, device) -> bool:
     return float(all_reduce_sum(torch.tensor([float(flag)], device=device))) > 0
 
 
-def _presence(batch, m: str) -> torch.Tensor | None:
-    """Modality m's per-sample presence flags of a ``(inputs, labels, present)`` batch, else None."""
-    if isinstance(batch, (tuple, list)) and len(batch) == 3 and isinstance(batch[2], Mapping):
-        return batch[2].get(m)
-    return None
+@torch.no_grad()
+def _feature_width(encoder: nn.Module, x: torch.Tensor) -> int:
+    """Flattened output width of ``encoder`` on ``x`` (eval mode, no gradient; modes restored),
+    to size a head when the first batch holds no row to train on."""
+    modes = [(mod, mod.training) for mod in encoder.modules()]
+    encoder.eval()
+    try:
+        return int(encoder(x).flatten(1).shape[1])
+    finally:
+        for mod, training in modes:
+            mod.training = training
 
 
 @torch.no_grad()
@@ -228,10 +238,10 @@ def _accuracy(encoder, head, loader, modalities, m: str, device) -> float:
     """Accuracy of ``head(encoder(x_m))`` over ``loader`` (eval mode; counts summed over ranks)."""
     counts = torch.zeros(2, dtype=torch.float64, device=device)
     for i, batch in enumerate(loader):
-        inputs, labels = unpack_batch(batch, modalities, batch_index=i)
+        inputs, labels, present = unpack_batch_present(batch, modalities, batch_index=i)
         x = inputs[m].to(device) if isinstance(inputs[m], torch.Tensor) else inputs[m]
         logits = head(encoder(x).flatten(1).to(head.weight.dtype))
-        rows = _presence(batch, m)
+        rows = (present or {}).get(m)
         keep = (torch.ones_like(labels, dtype=torch.bool) if rows is None else rows).to(device)
         counts[0] += ((logits.argmax(1) == labels.to(device)) & keep).sum()
         counts[1] += keep.sum()
@@ -248,7 +258,12 @@ def train_unimodal_models(model, train_loader, *, epochs: int, lr: float = 0.01,
     Model m is a deep copy of ``model.encoders[m]`` plus ``seeded_linear(d_m, C)`` (drawn from a
     generator seeded with ``seed``, in modality order), trained for ``epochs`` epochs of
     ``train_loader`` on ``CE(head(E_m(x_m)), y)`` with ``SGD(lr, momentum, weight_decay)`` over its
-    trainable parameters (parameters the user froze in the encoder stay frozen). Under DDP the
+    trainable parameters (parameters the user froze in the encoder stay frozen). With presence
+    masks (``(inputs, labels, present)`` batches) model m trains only on the rows where m is
+    present, selected before encoding (a BatchNorm never sees a placeholder input): each step is
+    exactly a step on the batch's present subset. A batch with no such row, or with one row while
+    the encoder holds a BatchNorm in training mode, is skipped (no optimizer step; on every DDP
+    rank alike). Accuracy counts the present rows only. Under DDP the
     gradients are averaged over ranks at every step, so every rank ends with the same models. The
     returned encoders and heads are frozen and in eval mode; ``accuracy`` is measured on
     ``val_loader`` (``split="val"``) or, without one, on ``train_loader`` (``split="train"``).
@@ -268,27 +283,41 @@ def train_unimodal_models(model, train_loader, *, epochs: int, lr: float = 0.01,
                 p.grad = None
             if not model.training:  # like md.fit: a model handed over in eval trains whole
                 enc.train()
+            batchnorm = any(isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training
+                            for mod in enc.modules())
             head, opt, params = None, None, []
             bar = progress_bar(range(epochs), enabled=progress, total=epochs, unit="epoch",
                                desc=f"{owner}: unimodal model {m!r}")
             for epoch in bar:
                 loaders.set_epoch(epoch)
                 for i, batch in enumerate(train_loader):
-                    inputs, labels = unpack_batch(batch, model.modalities, batch_index=i)
-                    x = to_device({m: inputs[m]}, device)[m]
+                    inputs, labels, present = unpack_batch_present(batch, model.modalities,
+                                                                   batch_index=i)
+                    x_all = x = to_device({m: inputs[m]}, device)[m]
                     labels = labels.to(device)
-                    rows = _presence(batch, m)
-                    feats = enc(x).flatten(1)
-                    if head is None:
-                        ref = next((p for p in enc.parameters() if p.is_floating_point()), feats)
-                        head = seeded_linear(int(feats.shape[1]), num_classes, gen, device,
-                                             ref.dtype if ref.is_floating_point() else feats.dtype)
+                    rows = (present or {}).get(m)
+                    if rows is not None:  # the unimodal model of m learns m's data only
+                        rows = rows.to(device)
+                        x, labels = x[rows], labels[rows]
+                    n = labels.shape[0]
+                    skip = _any_rank(rows is not None and (n == 0 or (n == 1 and batchnorm)),
+                                     device)
+                    feats = None if skip else enc(x).flatten(1)
+                    if head is None:  # sized from the first batch (skipped or not)
+                        ref = next((p for p in enc.parameters() if p.is_floating_point()), None)
+                        width = (int(feats.shape[1]) if feats is not None
+                                 else _feature_width(enc, x_all))
+                        dtype = (ref.dtype if ref is not None else feats.dtype
+                                 if feats is not None else torch.get_default_dtype())
+                        head = seeded_linear(width, num_classes, gen, device, dtype)
                         params = [p for p in enc.parameters() if p.requires_grad]
                         params += list(head.parameters())
                         opt = torch.optim.SGD(params, lr=lr, momentum=momentum,
                                               weight_decay=weight_decay)
+                    if skip:  # no row where m is present: no step (momentum does not move)
+                        continue
                     loss = _masked_mean(F.cross_entropy(head(feats.to(head.weight.dtype))
-                                                        .float(), labels, reduction="none"), rows)
+                                                        .float(), labels, reduction="none"), None)
                     if _any_rank(not bool(torch.isfinite(loss)), device):
                         raise ValueError(
                             f"{owner}: training the unimodal model of modality {m!r} diverged (a "

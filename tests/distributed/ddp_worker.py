@@ -191,12 +191,15 @@ def main(out: str) -> None:
     sep = md.separability(model, shard(d.train, rank, world).loader(50), val.loader(50))
     uni = md.unimodal_scores(model, test.loader(17))
     rep = md.diagnose(model, test.loader(17), val.loader(17), fisher="per_sample")
+    rob = md.robustness(model, test.loader(17), n_resamples=50)
     results["probes"] = {
         "shapley_values": sv.values.tolist(), "shapley_labels": sv.labels.tolist(),
         "fisher": fisher,
         "separability": {m: [s.train_purity, s.val_purity, s.linear_probe] for m, s in sep.items()},
         "unimodal": {m: [s.accuracy, s.true_prob, s.cross_entropy] for m, s in uni.items()},
         "diagnose": [rep.dominant, rep.weakest, rep.fused_accuracy],
+        "robustness": rob.to_dict(),
+        "robustness_mismatch": coefficient_mismatch(rob.to_dict()),
     }
     if rank == 0:
         with open(f"{out}/ddp_results.json", "w") as fh:
