@@ -103,6 +103,10 @@ METHOD_LABELS = {"joint": "joint training", "inforeg": "InfoReg", "inforeg-star"
                  "dropout": "ModalityDropout", "greedy": "Greedy"}
 
 
+#: methods that need a mid-fusion model (:class:`~modaldiag.models.MidFusionClassifier`)
+NEEDS_MID_FUSION = ("greedy",)
+
+
 def default_fusion(method: str) -> str:
     """The default model's head for a method: ``"shared"`` for MLA (its gradient projection
     needs one linear head shared by every modality), ``"mid"`` for Greedy (mid fusion,
@@ -123,7 +127,12 @@ def prediction_rule(regulator, model):
     ReconBoost, UME), else None (the model's head)."""
     if regulator is None or type(regulator).predict is Callback.predict:
         return None
-    return lambda features: regulator.predict(model, features)
+
+    def predict(features):
+        out = regulator.predict(model, features)
+        return model.head(features) if out is None else out
+
+    return predict
 
 
 def make_regulator(method: str, epochs: int):

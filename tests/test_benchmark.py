@@ -259,7 +259,10 @@ def test_bad_arguments_name_the_problem(data):
     with pytest.raises(ValueError, match="did you mean 'ogm'"):
         resolve_methods(["ogmm"])
     assert resolve_methods(["ogm"]) == ["joint", "ogm"]  # the baseline is always compared with
-    assert resolve_methods("all")[0] == "joint" and len(resolve_methods("all")) == len(md.runs.METHODS)
+    every = resolve_methods("all")  # every method that trains the default (late-fusion) model
+    assert every[0] == "joint" and set(every) == set(md.runs.METHODS) - {"greedy"}
+    with pytest.raises(ValueError, match="need a mid-fusion model"):
+        benchmark(data, methods=["greedy"], out=None, progress=False)
     with pytest.raises(ValueError, match="did you mean"):
         benchmark("mfeat-fou-pxi", methods=["joint"], out=None, progress=False)
     with pytest.raises(ValueError, match="seeds"):

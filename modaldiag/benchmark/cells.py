@@ -31,8 +31,15 @@ from .. import datasets
 from ..datasets import DatasetSplits
 from ..models import MultimodalModel
 from ..probes import evaluate
-from ..runs import LoaderSplits, build_model, describe_regulator, load_data, make_regulator
-from ..training import Callback, fit
+from ..runs import (
+    LoaderSplits,
+    build_model,
+    describe_regulator,
+    load_data,
+    make_regulator,
+    prediction_rule,
+)
+from ..training import fit
 from ..utils.threads import set_threads
 from ..utils.torch_utils import seed_everything
 
@@ -209,23 +216,6 @@ def build_regulator(method: str, epochs: int, params: Mapping | None = None):
     return type(regulator)(**{**base, **extra})
 
 
-def _predictor(regulator, model):
-    """The regulator's test-time rule (``Callback.predict``) bound to ``model``, or None (head)."""
-    if regulator is None:
-        return None
-    rules = [cb for cb in (regulator if isinstance(regulator, (list, tuple)) else [regulator])
-             if type(cb).predict is not Callback.predict]
-    if not rules:
-        return None
-    rule = rules[0]
-
-    def predict(features):
-        out = rule.predict(model, features)
-        return model.head(features) if out is None else out
-
-    return predict
-
-
 @contextlib.contextmanager
 def torch_threads(n: int | None):
     """Run with ``n`` torch threads (restored afterwards); None leaves the count alone."""
@@ -273,7 +263,7 @@ def run_cell(task: CellTask) -> dict:
     with torch_threads(task.threads):
         model, regulator, history, seconds, test_factory = train_selected(task)
         best = history.best_epoch
-        predict = _predictor(regulator, model)
+        predict = prediction_rule(regulator, model)
         test = evaluate(model, test_factory(), predict=predict)
         record = {
             "format": "modaldiag.benchmark.cell", "key": task.key,

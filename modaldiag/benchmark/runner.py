@@ -13,7 +13,7 @@ import torch
 
 from .. import datasets
 from ..datasets import DatasetSplits
-from ..runs import METHODS, normalize_spec
+from ..runs import METHODS, NEEDS_MID_FUSION, normalize_spec
 from ..utils.io import (
     DirectoryLock,
     atomic_write_json,
@@ -84,10 +84,14 @@ _CONSTRAINTS = {
 
 # ---------------------------------------------------------------- arguments
 def resolve_methods(methods, baseline: str = "joint") -> list[str]:
-    """``"all"`` -> every CLI method; a name or list of names, checked (did-you-mean); the
-    baseline is put first (added when missing: every comparison is against it)."""
+    """``"all"`` -> every CLI method that trains the benchmark's model as it is (Greedy, which
+    needs a mid-fusion model, is left out: name it with a ``model_fn`` that returns a
+    :class:`~modaldiag.models.MidFusionClassifier`); a name or list of names, checked
+    (did-you-mean); the baseline is put first (added when missing: every comparison is
+    against it)."""
     if isinstance(methods, str):
-        names = list(METHODS) if methods == "all" else [m.strip() for m in methods.split(",")]
+        names = ([m for m in METHODS if m not in NEEDS_MID_FUSION] if methods == "all"
+                 else [m.strip() for m in methods.split(",")])
     else:
         names = list(methods)
     for name in [*names, baseline]:
@@ -290,6 +294,12 @@ def benchmark(data, model_fn: Callable | str | None = None, methods="all", seeds
                                    "baseline": baseline, "progress": progress}, "benchmark")
     say = log or (_stderr if progress else (lambda text: None))
     methods = resolve_methods(methods, baseline)
+    mid = [m for m in methods if m in NEEDS_MID_FUSION]
+    if mid and model_fn is None:
+        raise ValueError(f"{mid} need a mid-fusion model (cross-modal connections between encoder "
+                         "stages to re-balance), but the default model fuses late; pass "
+                         "model_fn=lambda data: md.models.mid_fusion_model(data) (then every "
+                         "method trains that model) or drop them.")
     seeds = _seeds(seeds)
     if backend == "ray":
         require_ray()

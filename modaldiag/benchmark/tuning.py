@@ -48,6 +48,12 @@ SEARCH_SPACES: dict[str, dict[str, tuple]] = {
     "lfm": {"lr": LR_SPACE, "alpha_init": (0.05, 0.5, True)},
     "gblending": {"lr": LR_SPACE},
     "amco": {"lr": LR_SPACE, "sigma": (0.1, 0.9, False)},
+    "mla": {"lr": LR_SPACE},
+    "umt": {"lr": LR_SPACE, "weight": (1.0, 20.0, True)},
+    "ume": {"lr": LR_SPACE},
+    "reconboost": {"lr": LR_SPACE, "alpha": (0.1, 1.0, False)},
+    "greedy": {"lr": LR_SPACE, "epsilon": (1e-3, 1e-1, True)},
+    "dropout": {"lr": LR_SPACE, "p": (0.1, 0.5, False)},
 }
 
 

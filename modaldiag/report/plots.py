@@ -430,8 +430,8 @@ def robustness_compare(results):
         a.set_title(c)
         a.set_xlabel(_severity_label(first, c), fontsize=8)
         a.set_ylim(0, 1.02)
-    splits = sorted({f"{r.split} (n = {r.n})" for r in results.values()})
-    axes[0].set_ylabel(f"fused accuracy ({', '.join(splits)})")
+    splits = sorted({f"{r.split}, n = {r.n}" for r in results.values()})
+    axes[0].set_ylabel(f"fused accuracy ({'; '.join(splits)})")
     fig.legend([*run_handles, *mod_handles], [*(str(n) for n in results),
                                               *(f"{m} corrupted" for m in mods)],
                loc="outside lower center", ncol=min(4, len(results) + len(mods)), frameon=False,
