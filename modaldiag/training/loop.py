@@ -349,7 +349,8 @@ class Regulation:
                     ctx.losses[f"unimodal/{m}"] = self.unimodal_loss_weight * F.cross_entropy(lg, ctx.labels)
         for cb in self.callbacks:
             cb.on_after_forward(ctx)
-        ctx.loss = sum(ctx.losses.values())
+        terms = list(ctx.losses.values())
+        ctx.loss = terms[0] if len(terms) == 1 else sum(terms[1:], terms[0])  # no 0 + ... node
         stats = self.epoch_stats
         # the multimodal term alone was checked above; only added or replaced terms (UME trains
         # its unimodal terms instead) can make the total non-finite

@@ -218,7 +218,7 @@ def check_labels(
             f"labels{where} hold {labels.shape[0]} samples but the inputs hold {batch_size}."
         )
     if labels.numel():
-        lo, hi = int(labels.min()), int(labels.max())
+        lo, hi = (int(v) for v in torch.aminmax(labels))  # one kernel, one host sync
         if lo < 0 or hi >= num_classes:
             raise ValueError(
                 f"labels{where} must lie in [0, {num_classes}) for num_classes={num_classes}; "
