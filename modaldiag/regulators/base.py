@@ -28,7 +28,7 @@ from ..utils.validation import NON_NEGATIVE_INT, POSITIVE_INT, validate_params
 __all__ = ["Regulator", "all_reduce_sum", "check_composition", "encoder_parameters",
            "squared_norm", "true_class_prob_sums", "SEED", "EPOCH_END", "check_epoch_range",
            "check_released_head", "released_unimodal_logits", "released_score_sums",
-           "seeded_linear", "average_over_ranks", "wide", "EpochMeans", "masks_tensor",
+           "seeded_linear", "seeded_unimodal_heads", "average_over_ranks", "wide", "EpochMeans", "masks_tensor",
            "head_dtype"]
 
 #: a generator seed: a non-negative integer
@@ -120,6 +120,18 @@ def seeded_linear(d: int, c: int, gen: torch.Generator, device, dtype) -> nn.Lin
         lin.weight.copy_(w)
         lin.bias.copy_(b)
     return lin
+
+
+def seeded_unimodal_heads(model, dims, seed: int) -> dict[str, nn.Linear]:
+    """One :func:`seeded_linear` head ``d_m -> C`` per modality of ``model`` (in its order, from
+    one generator seeded with ``seed``), on the device and dtype of the model's parameters: the
+    regulator-owned unimodal heads of MMPareto, G-Blending and UME (``heads="separate"``)."""
+    ref = next((p for p in model.parameters() if p.is_floating_point()), None)
+    device = ref.device if ref is not None else None
+    dtype = ref.dtype if ref is not None else torch.get_default_dtype()
+    gen = torch.Generator().manual_seed(seed)
+    return {m: seeded_linear(int(dims[m]), int(model.num_classes), gen, device, dtype)
+            for m in model.modalities}
 
 
 def average_over_ranks(tensors: list[torch.Tensor]) -> None:

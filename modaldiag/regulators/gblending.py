@@ -52,7 +52,7 @@ from ..utils.validation import (
     unpack_batch,
     unpack_batch_present,
 )
-from .base import SEED, Regulator, average_over_ranks, seeded_linear
+from .base import SEED, Regulator, average_over_ranks, seeded_unimodal_heads
 
 __all__ = ["GBlending", "gblending_weights"]
 
@@ -203,12 +203,7 @@ class GBlending(Regulator):
         return [p for lin in self.heads.values() for p in (lin.weight, lin.bias)]
 
     def _create_heads(self, model, dims: dict[str, int]) -> None:
-        ref = next((p for p in model.parameters() if p.is_floating_point()), None)
-        device = ref.device if ref is not None else None
-        dtype = ref.dtype if ref is not None else torch.get_default_dtype()
-        gen = torch.Generator().manual_seed(self.seed)
-        self.heads = {m: seeded_linear(int(dims[m]), int(model.num_classes), gen, device, dtype)
-                      for m in model.modalities}
+        self.heads = seeded_unimodal_heads(model, dims, self.seed)
 
     # ------------------------------------------------------------ run hooks
     def _val(self, ctx):

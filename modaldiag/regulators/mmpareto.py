@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..utils.validation import POSITIVE, Options, as_plain_int
-from .base import SEED, Regulator, average_over_ranks, seeded_linear
+from .base import SEED, Regulator, average_over_ranks, seeded_unimodal_heads
 
 __all__ = ["MMPareto", "pareto_combine"]
 
@@ -163,12 +163,7 @@ class MMPareto(Regulator):
         return [p for lin in self.heads.values() for p in (lin.weight, lin.bias)]
 
     def _create_heads(self, model, dims: dict[str, int]) -> None:
-        ref = next((p for p in model.parameters() if p.is_floating_point()), None)
-        device = ref.device if ref is not None else None
-        dtype = ref.dtype if ref is not None else torch.get_default_dtype()
-        gen = torch.Generator().manual_seed(self.seed)
-        self.heads = {m: seeded_linear(int(dims[m]), int(model.num_classes), gen, device, dtype)
-                      for m in model.modalities}
+        self.heads = seeded_unimodal_heads(model, dims, self.seed)
 
     def on_fit_start(self, ctx) -> None:
         super().on_fit_start(ctx)

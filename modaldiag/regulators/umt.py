@@ -83,6 +83,7 @@ from .base import (
     average_over_ranks,
     check_epoch_range,
     seeded_linear,
+    seeded_unimodal_heads,
 )
 
 __all__ = ["UMT", "UME", "umt_distillation_loss", "choose_umt_or_ume", "train_unimodal_models",
@@ -775,12 +776,7 @@ class UME(Regulator):
         return [p for lin in (self.heads or {}).values() for p in (lin.weight, lin.bias)]
 
     def _create_heads(self, model, dims: Mapping[str, int]) -> None:
-        ref = next((p for p in model.parameters() if p.is_floating_point()), None)
-        device = ref.device if ref is not None else None
-        dtype = ref.dtype if ref is not None else torch.get_default_dtype()
-        gen = torch.Generator().manual_seed(self.seed)
-        self.heads = {m: seeded_linear(int(dims[m]), int(model.num_classes), gen, device, dtype)
-                      for m in model.modalities}
+        self.heads = seeded_unimodal_heads(model, dims, self.seed)
 
     def on_fit_start(self, ctx) -> None:
         super().on_fit_start(ctx)
