@@ -20,7 +20,7 @@ RESULTS = Path(__file__).resolve().parent
 #: CLI method name -> the label the methods tables use
 METHODS = {"joint": "joint", "inforeg": "InfoReg", "inforeg-star": "InfoReg*",
            "ogm-ge": "OGM-GE", "mmpareto": "MMPareto", "dropout": "ModalityDropout"}
-DATASETS = ("synthetic", "mfeat-fou-pix")  # hapt: see the methods suite (same table, when run)
+DATASETS = ("synthetic", "mfeat-fou-pix", "hapt")
 EPOCHS = 20
 
 
@@ -30,7 +30,7 @@ def run(quick: bool = False, seeds: int | None = None) -> list[Table]:
     res = md.benchmark(list(DATASETS), methods=list(METHODS), seeds=n_seeds,
                        epochs=3 if quick else EPOCHS, out=out, robustness=True,
                        corruptions=ROBUSTNESS["corruptions"], severities=ROBUSTNESS["severities"],
-                       progress=False, threads=1)
+                       progress=False, threads=1, jobs=1 if quick else 2)
     assert tuple(METHODS.values()) == ROBUSTNESS_METHODS
     cells = res.cells
     runs: dict[str, dict[str, list[dict]]] = {}
