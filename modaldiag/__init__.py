@@ -7,6 +7,7 @@
 """
 
 from . import datasets, models, probes, regulators, report, training
+from ._version import __version__
 from .benchmark import BenchmarkResult, benchmark
 from .models import MidFusionClassifier, MultimodalClassifier, MultimodalModel, wrap
 from .probes import (
@@ -46,8 +47,6 @@ from .regulators import (
 from .report import plots as plot
 from .training import Callback, History, Regulation, StepContext, fit
 from .utils.threads import set_threads
-
-__version__ = "0.1.0"
 
 __all__ = ["MultimodalClassifier", "MultimodalModel", "wrap", "datasets", "models", "probes",
            "regulators", "training", "report", "plot", "fit", "History", "Callback", "StepContext",

@@ -610,8 +610,8 @@ def train_run(data, method: str, epochs: int, out, *, seed: int = 0, fusion: str
               "epochs": epochs, "seed": seed,
               "fusion": None if model_spec is not None else (fusion or default_fusion(method)),
               "batch_size": batch_size, "lr": float(lr)}
-    if method == "greedy" and model_spec is None and config["fusion"] != "mid":
-        raise ValueError("greedy needs mid fusion (cross-modal connections between encoder "
+    if method in NEEDS_MID_FUSION and model_spec is None and config["fusion"] != "mid":
+        raise ValueError(f"{method} needs mid fusion (cross-modal connections between encoder "
                          "stages to re-balance): use --fusion mid (its default) or a --model "
                          "function returning md.MidFusionClassifier.")
     out = check_output_dir(out, existing_ok=True, option="out")

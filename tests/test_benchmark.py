@@ -367,7 +367,6 @@ def test_cli_benchmark(tmp_path, capsys):
     assert exc.value.code == 2 and "did you mean 'ogm-ge'" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not cells.robustness_available(), reason="md.robustness not in this tree")
 def test_robustness_auc_per_cell(data):
     res = benchmark(data, methods=["joint"], seeds=1, epochs=1, out=None, robustness=True,
                     threads=1, progress=False)

@@ -31,6 +31,7 @@ from .. import datasets
 from ..datasets import DatasetSplits
 from ..models import MultimodalModel
 from ..probes import evaluate
+from ..probes.robustness import robustness
 from ..runs import (
     LoaderSplits,
     build_model,
@@ -43,13 +44,8 @@ from ..training import fit
 from ..utils.threads import set_threads
 from ..utils.torch_utils import seed_everything
 
-try:  # md.robustness (issue 14) may not be installed in this tree yet
-    from ..probes.robustness import robustness as _robustness
-except ImportError:  # pragma: no cover - depends on the tree
-    _robustness = None
-
 __all__ = ["DataSource", "CellTask", "run_cell", "train_selected", "build_regulator",
-           "config_hash", "cell_filename", "load_source", "robustness_available",
+           "config_hash", "cell_filename", "load_source",
            "SYNTHETIC_NAME", "EVAL_BATCH_SIZE", "TUNE_SEED", "torch_threads", "register_data", "forget_data",
            "init_worker", "check_picklable", "make_model", "model_record", "loaders"]
 
@@ -60,9 +56,6 @@ EVAL_BATCH_SIZE = 512
 #: training seed of every tuning trial (the evaluation seeds are separate runs)
 TUNE_SEED = 0
 
-
-def robustness_available() -> bool:
-    return _robustness is not None
 
 
 @dataclass(frozen=True)
@@ -280,12 +273,9 @@ def run_cell(task: CellTask) -> dict:
         }
         rob = task.config["budget"].get("robustness")
         if rob:
-            if _robustness is None:
-                raise ValueError("robustness=True needs md.robustness "
-                                 "(modaldiag.probes.robustness), which this install lacks.")
-            result = _robustness(model, test_factory(), corruptions=tuple(rob["corruptions"]),
-                                 severities=tuple(rob["severities"]), seed=task.seed,
-                                 split="test", predict=predict)
+            result = robustness(model, test_factory(), corruptions=tuple(rob["corruptions"]),
+                                severities=tuple(rob["severities"]), seed=task.seed,
+                                split="test", predict=predict)
             frame = result.auc_frame()
             record["robustness_auc"] = [
                 {k: (row[k] if isinstance(row[k], str) else float(row[k]))

@@ -49,7 +49,6 @@ from .cells import (
     make_model,
     model_record,
     register_data,
-    robustness_available,
     run_cell,
 )
 from .result import BenchmarkResult
@@ -305,9 +304,6 @@ def benchmark(data, model_fn: Callable | str | None = None, methods="all", seeds
         require_ray()
     if tune_trials:
         require_optuna()
-    if robustness and not robustness_available():
-        raise ValueError("robustness=True needs md.robustness (modaldiag.probes.robustness), "
-                         "which this install lacks.")
     if isinstance(model_fn, str):
         model_fn = normalize_spec(model_fn, "--model")
     elif model_fn is not None and not callable(model_fn):

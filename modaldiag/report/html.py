@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._version import __version__
+
 __all__ = ["Section", "Table", "Link", "render_page", "figure_to_data_uri"]
 
 _CSS = """
@@ -118,8 +120,6 @@ class Section:
 
 
 def render_page(title: str, sections: Sequence[Section], subtitle: str = "") -> str:
-    from .. import __version__
-
     sub = f'<p class="muted">{esc(subtitle)}</p>' if subtitle else ""
     body = "\n".join(s.render() for s in sections)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
