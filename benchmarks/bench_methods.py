@@ -22,7 +22,7 @@ import torch
 
 import modaldiag as md
 from modaldiag.benchmark.stats import holm
-from modaldiag.runs import prediction_rule
+from modaldiag.training.callbacks import prediction_rule
 
 from .common import RunCache, Table, optimizer_config, regulator_config, short
 

@@ -56,7 +56,8 @@ from .regulators import (
 )
 from .report.compare import regulator_text
 from .report.plots import learning_window, save_figure, unimodal_accuracy
-from .training import Callback, History, fit
+from .training import History, fit
+from .training.callbacks import prediction_rule
 from .utils.io import (
     DirectoryLock,
     atomic_directory,
@@ -120,19 +121,6 @@ def default_run_model(data, fusion: str = "concat", feature_dim: int = 64):
     if fusion == "mid":
         return mid_fusion_model(data)
     return default_model(data, fusion=fusion, feature_dim=feature_dim)
-
-
-def prediction_rule(regulator, model):
-    """``predict(features) -> logits`` when the method predicts with its own test-time rule (MLA,
-    ReconBoost, UME), else None (the model's head)."""
-    if regulator is None or type(regulator).predict is Callback.predict:
-        return None
-
-    def predict(features):
-        out = regulator.predict(model, features)
-        return model.head(features) if out is None else out
-
-    return predict
 
 
 def make_regulator(method: str, epochs: int):

@@ -9,7 +9,8 @@ import pytest
 
 from modaldiag.cli import main
 from modaldiag.probes import evaluate
-from modaldiag.runs import METHODS, load_run, make_regulator, prediction_rule
+from modaldiag.runs import METHODS, load_run, make_regulator
+from modaldiag.training.callbacks import prediction_rule
 
 
 def _no_partial(folder):

@@ -38,9 +38,9 @@ from ..runs import (
     describe_regulator,
     load_data,
     make_regulator,
-    prediction_rule,
 )
 from ..training import fit
+from ..training.callbacks import prediction_rule
 from ..utils.threads import set_threads
 from ..utils.torch_utils import seed_everything
 

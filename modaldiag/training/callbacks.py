@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Callback", "StepContext", "check_composition"]
+__all__ = ["Callback", "StepContext", "check_composition", "prediction_rule"]
 
 
 @dataclass
@@ -187,3 +187,20 @@ def check_composition(callbacks: Sequence[Callback]) -> None:
     loaders = [cb.name for cb in callbacks if type(cb).train_loader is not Callback.train_loader]
     if len(loaders) > 1:
         raise ValueError(f"{loaders} each replace the training loader; use only one of them.")
+
+
+def prediction_rule(callbacks, model):
+    """``predict(features) -> logits (B, C)`` of the callback (one, a list, or None) that defines
+    its own test-time rule (MLA, ReconBoost, UME), bound to ``model`` and falling back to the
+    model's head where the rule returns None; None when no callback defines one."""
+    items = callbacks if isinstance(callbacks, (list, tuple)) else [callbacks]
+    owner = next((cb for cb in items if cb is not None
+                  and type(cb).predict is not Callback.predict), None)
+    if owner is None:
+        return None
+
+    def predict(features):
+        out = owner.predict(model, features)
+        return model.head(features) if out is None else out
+
+    return predict

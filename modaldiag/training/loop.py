@@ -49,7 +49,7 @@ from ..utils.validation import (
     unpack_batch,
     validate_params,
 )
-from .callbacks import Callback, StepContext, check_composition
+from .callbacks import Callback, StepContext, check_composition, prediction_rule
 from .monitor import FisherMonitor
 
 __all__ = ["Regulation", "as_callbacks", "CallOrderError", "check_optimizer"]
@@ -240,8 +240,6 @@ class Regulation:
                 f"{stepper.name} takes its own optimizer steps inside backward (one per modality or "
                 "phase), which gradient accumulation and mixed precision (amp/scaler) would have to "
                 "wrap; train it with accumulate_grad_batches=1 and amp=False.")
-        self._predictor = next((cb for cb in self.callbacks
-                                if type(cb).predict is not Callback.predict), None)
         self._started = False
         self._in_epoch = False
         self._step_pending = False
@@ -253,15 +251,6 @@ class Regulation:
     def model(self):
         return self.ctx.model
 
-    def predict(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Test-time logits ``(B, C)``: the prediction rule of the regulator that defines one
-        (MLA, ReconBoost, UME), else the model's head."""
-        if self._predictor is not None:
-            out = self._predictor.predict(self.ctx.model, features)
-            if out is not None:
-                return out
-        return self.ctx.model.head(features)
-
     @property
     def owns_optimizer_step(self) -> bool:
         """True when a callback takes the optimizer steps inside :meth:`backward` (the caller's
@@ -272,7 +261,7 @@ class Regulation:
     def predictor(self):
         """``predict(features) -> logits`` for evaluation when a regulator defines its own test-time
         rule, else None (the model's head)."""
-        return self.predict if self._predictor is not None else None
+        return prediction_rule(self.callbacks, self.ctx.model)
 
     def start(self, train_loader=None, val_loader=None, epochs: int | None = None) -> None:
         """Run ``on_fit_start`` (called automatically by the first ``epoch_start``): every
