@@ -541,3 +541,28 @@ def test_max_grad_norm_clips_regulator_owned_heads_too(synth):
     unclipped_heads = torch.cat([(lin.weight - head_init.heads[m].weight).flatten()
                                  for m, lin in unclipped_reg.heads.items()]).norm()
     assert unclipped_heads > 1e-2  # without clipping the heads alone move far more
+
+
+def test_recorded_train_loss_and_accuracy_are_the_sample_weighted_epoch_means(synth):
+    """The epoch's loss/accuracy are summed once at epoch end from per-batch device scalars:
+    they must equal the per-sample mean over batches of unequal size (a short last batch)."""
+    seen = []
+
+    class Record(md.Callback):
+        def on_after_forward(self, ctx):
+            seen.append((ctx.losses["multimodal"].item(), len(ctx.labels),
+                         int((ctx.logits.argmax(1) == ctx.labels).sum())))
+
+    torch.manual_seed(0)
+    model = md.models.default_model(synth, feature_dim=16)
+    train = synth.train.loader(32, shuffle=True)
+    hist = md.fit(model, train, synth.val.loader(256), epochs=2, callbacks=[Record()],
+                  monitor=False, progress=False)
+    n_batches = len(seen) // 2
+    assert len({b[1] for b in seen}) == 2  # a short last batch: the weighting matters
+    for epoch, rec in enumerate(hist.epochs):
+        batches = seen[epoch * n_batches:(epoch + 1) * n_batches]
+        n = sum(b[1] for b in batches)
+        assert rec["train"]["n"] == n == len(synth.train)
+        assert rec["train"]["loss"] == pytest.approx(sum(b[0] * b[1] for b in batches) / n, rel=1e-6)
+        assert rec["train"]["acc"] == pytest.approx(sum(b[2] for b in batches) / n, rel=1e-9)

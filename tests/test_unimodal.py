@@ -87,3 +87,21 @@ def test_all_finite_is_exact_when_the_sum_overflows_or_a_value_is_bad():
     assert not all_finite([torch.tensor([float("inf"), -float("inf")])])  # sum is NaN
     assert all_finite([torch.arange(3)])  # integer tensors are not checked
     assert all_finite([])
+    assert not all_finite([torch.tensor([1 + 1j, complex(float("nan"), 0)])])  # complex checked
+    assert all_finite([torch.tensor([1 + 1j, 2 - 1j])])
+    w = torch.ones(3, requires_grad=True)
+    assert all_finite([w * 2])  # a tensor in a graph: checked without recording anything
+
+
+def test_validate_names_the_bad_batch_or_blames_the_head():
+    """``validate`` checks no batch on the way; a non-finite total re-runs the checked pass."""
+    from modaldiag.probes.unimodal import validate
+    model = make_model(2, "concat")
+    batches = [(make_inputs(model, batch=8), torch.arange(8) % 3) for _ in range(3)]
+    batches[2][0]["m1"][5, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"batch 2.*'m1'|'m1'.*batch 2"):
+        validate(model, batches)
+    batches[2][0]["m1"][5, 0] = 0.0
+    assert validate(model, batches).loss == pytest.approx(md.probes.evaluate(model, batches).loss)
+    with pytest.raises(ValueError, match="the fusion head .* produced non-finite logits"):
+        validate(model, batches, predict=lambda f: model.head(f) * float("nan"))

@@ -119,7 +119,8 @@ def present_of(inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | 
     return getattr(inputs, "present", None)
 
 
-def iterate_batches(model: MultimodalModel, loader: Iterable, device=None,
+def iterate_batches(model: MultimodalModel, loader: Iterable, device=None, *,
+                    check_finite: bool = True,
                     ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
     """Validated ``(inputs, labels)`` batches moved to the model's device; raises on an empty loader.
 
@@ -129,6 +130,8 @@ def iterate_batches(model: MultimodalModel, loader: Iterable, device=None,
     with the inputs (:class:`ProbeInputs`; :func:`present_of`): :func:`encode_checked` replaces
     the features of absent samples by the model's baseline, so every probe sees absence as the
     contract defines it. The placeholder inputs of absent samples must still be finite.
+    ``check_finite=False`` skips the NaN/inf check of the inputs, for a caller that checks its
+    totals instead and re-runs with the check to name the batch (``md.fit``'s validation).
     """
     device = device or module_device(model)
     n = 0
@@ -136,7 +139,8 @@ def iterate_batches(model: MultimodalModel, loader: Iterable, device=None,
         inputs, labels, present = unpack_batch_present(batch, model.modalities, batch_index=b)
         size = check_inputs(inputs, model.modalities, batch_index=b)
         labels = check_labels(labels, model.num_classes or 10**9, batch_size=size, batch_index=b)
-        for m in ([] if all_finite(inputs[m] for m in model.modalities) else model.modalities):
+        for m in ([] if not check_finite or all_finite(inputs[m] for m in model.modalities)
+                  else model.modalities):
             x = inputs[m]
             if x.is_floating_point() and not torch.isfinite(x).all():
                 raise ValueError(
@@ -151,13 +155,14 @@ def iterate_batches(model: MultimodalModel, loader: Iterable, device=None,
 
 
 def encode_checked(model: MultimodalModel, inputs: Mapping[str, torch.Tensor],
-                   batch_index: int) -> dict[str, torch.Tensor]:
+                   batch_index: int, *, check_finite: bool = True) -> dict[str, torch.Tensor]:
     """``model.encode(inputs)`` with a clear error when an encoder turns finite inputs into
     NaN/inf features (a diverged encoder, or a float16 overflow under autocast). Features of
     samples whose modality is absent (the presence mask :func:`iterate_batches` attaches) are the
-    model's baseline (:meth:`~modaldiag.models.contract.MultimodalModel.mask_features`)."""
+    model's baseline (:meth:`~modaldiag.models.contract.MultimodalModel.mask_features`).
+    ``check_finite=False`` skips the check, as in :func:`iterate_batches`."""
     feats = model.encode(inputs)
-    for m in ([] if all_finite(feats.values()) else model.modalities):
+    for m in ([] if not check_finite or all_finite(feats.values()) else model.modalities):
         f = feats[m]
         if f.is_floating_point() and not torch.isfinite(f).all():
             bad = int((~torch.isfinite(f)).flatten(1).any(1).sum())

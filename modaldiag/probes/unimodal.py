@@ -6,6 +6,7 @@ The unimodal logits of modality m are the head with every other modality absent
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 
@@ -132,9 +133,22 @@ def validate(model, loader: Iterable, *, device=None, predict=None) -> EvalResul
     """:func:`evaluate` as ``md.fit`` calls it after every epoch: the same loss, accuracy and
     unimodal scores (the model's stored baseline), without what only a report needs (per-class
     scores, per-sample hits, the copied-modality check). Leaves the modes and the global RNG
-    states as found (fit owns the gradients and parameters; eval mode writes no buffer)."""
-    return _evaluate(model, loader, None, None, device, False, "validate", predict=predict,
-                     light=True)
+    states as found (fit owns the gradients and parameters; eval mode writes no buffer).
+    No batch is checked for NaN/inf on the way (a check per batch costs more than the small
+    models' validation itself); a non-finite total re-runs the checked pass, which raises a
+    ValueError naming the batch and modality, or the head when inputs and features are finite."""
+    result = _evaluate(model, loader, None, None, device, False, "validate", predict=predict,
+                       light=True)
+    scores = [result.loss] + [v for u in result.unimodal.values()
+                              for v in (u.true_prob, u.cross_entropy)]
+    if all(math.isfinite(v) for v in scores):
+        return result
+    # the light pass checks no batch: the full pass names the batch and modality (and raises)
+    _evaluate(model, loader, None, None, device, False, "validate", predict=predict)
+    raise ValueError(
+        "the validation loss or a unimodal score is NaN/inf although every input and every "
+        "encoder's features are finite: the fusion head (or the regulator's prediction rule) "
+        "produced non-finite logits. Check the head's parameters with torch.isfinite.")
 
 
 @torch.no_grad()
@@ -151,10 +165,10 @@ def _evaluate(model, loader, baseline, baseline_loader, device, progress: bool,
     same = dict.fromkeys(pairs, True)
     state = light_probe_state(net) if light else probe_state(net)
     with state, baseline_context(net, baseline, baseline_loader) as kind:
-        batches = progress_bar(iterate_batches(net, loader, device), enabled=progress, desc=desc,
-                               total=_length(loader))
+        batches = progress_bar(iterate_batches(net, loader, device, check_finite=not light),
+                               enabled=progress, desc=desc, total=_length(loader))
         for b, (inputs, labels) in enumerate(batches):
-            feats = encode_checked(net, inputs, b)
+            feats = encode_checked(net, inputs, b, check_finite=not light)
             for pair in pairs:
                 same[pair] = same[pair] and (_same_features(inputs, *pair)
                                              or _same_features(feats, *pair))

@@ -23,7 +23,14 @@ from ..utils.distributed import barrier, is_distributed, is_main_process
 from ..utils.distributed import rank as dist_rank
 from ..utils.io import atomic_torch_save, safe_torch_load
 from ..utils.progress import progress_bar
-from ..utils.torch_utils import resolve_device, rng_state, seed_everything, set_rng_state, unwrap
+from ..utils.torch_utils import (
+    all_finite,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    unwrap,
+)
 from ..utils.validation import (
     BOOL,
     NON_NEGATIVE,
@@ -160,23 +167,6 @@ def _watched(net: nn.Module, optimizer: torch.optim.Optimizer) -> list[tuple[str
     return out
 
 
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """One fused max-abs reduction per device (``torch._foreach_norm``), one sync per device."""
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for t in tensors:
-        if t.numel():
-            by_device.setdefault(t.device, []).append(t)
-    with torch.no_grad():
-        for group in by_device.values():
-            try:
-                ok = bool(torch.isfinite(torch.stack(torch._foreach_norm(group, float("inf")))).all())
-            except (RuntimeError, TypeError, AttributeError):  # an exotic tensor: one by one
-                ok = all(bool(torch.isfinite(t).all()) for t in group)
-            if not ok:
-                return False
-    return True
-
-
 def _owner(net: nn.Module, tensor: torch.Tensor) -> str:
     for m in net.modalities:
         enc = net.encoders[m]
@@ -192,7 +182,7 @@ def _nonfinite_weights(net: nn.Module,
     """None when every watched tensor is finite, else ``(kind, description)`` of the first bad
     one (kind: ``"parameter"`` or ``"buffer"``)."""
     watched = _watched(net, optimizer)
-    if _all_finite([t for _, _, t in watched]):
+    if all_finite([t for _, _, t in watched]):
         return None
     bad = [(kind, name, t) for kind, name, t in watched
            if t.numel() and not bool(torch.isfinite(t.detach()).all())]

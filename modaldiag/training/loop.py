@@ -26,6 +26,7 @@ trains exactly as ``md.fit``. ``backward`` before the first ``epoch_start`` (or 
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -284,7 +285,8 @@ class Regulation:
         self._epoch_begun = True
         self._in_epoch = True
         ctx.logs = {}
-        self.epoch_stats = {"loss": 0.0, "correct": 0, "n": 0, "skipped": 0, "classes": set()}
+        self.epoch_stats = {"loss": 0.0, "correct": 0, "n": 0, "skipped": 0, "classes": set(),
+                            "batch_losses": [], "batch_sizes": [], "batch_correct": []}
         for cb in self.callbacks:
             cb.on_train_epoch_start(ctx)
         replaced = next((ld for cb in self.callbacks if (ld := cb.train_loader(ctx)) is not None), None)
@@ -329,7 +331,7 @@ class Regulation:
         with autocast:
             self._run_forward(model)
         checked = ctx.losses["multimodal"]
-        if not torch.isfinite(checked):  # before any hook reads NaN statistics
+        if not math.isfinite(checked.item()):  # before any hook reads NaN statistics
             return self._nonfinite()
         if self._need_uni:
             uni = ctx.unimodal_logits
@@ -347,9 +349,10 @@ class Regulation:
                 torch.isfinite(ctx.loss):
             return self._nonfinite()
         if stats:
-            # device tensors, summed without a host sync per step (read once at epoch end)
-            stats["loss"] = stats["loss"] + ctx.losses["multimodal"].detach().double() * size
-            stats["correct"] = stats["correct"] + (ctx.logits.detach().argmax(1) == ctx.labels).sum()
+            # device scalars kept per batch and summed once at epoch end (no host sync per step)
+            stats["batch_losses"].append(ctx.losses["multimodal"].detach())
+            stats["batch_sizes"].append(size)
+            stats["batch_correct"].append((ctx.logits.detach().argmax(1) == ctx.labels).sum())
             stats["n"] += size
             if len(stats["classes"]) < 2:  # only the single-class check needs it
                 stats["classes"].update(ctx.labels.unique().tolist())
@@ -454,7 +457,13 @@ class Regulation:
         ctx = self.ctx
         self._require_epoch("epoch_end")
         stats = self.epoch_stats
-        stats["loss"], stats["correct"] = float(stats["loss"]), int(stats["correct"])
+        if stats["batch_losses"]:
+            sizes = torch.tensor(stats["batch_sizes"], dtype=torch.float64)
+            losses = torch.stack(stats["batch_losses"]).double().cpu()
+            stats["loss"] = float(losses @ sizes)  # the sum of per-sample losses
+            stats["correct"] = int(torch.stack(stats["batch_correct"]).sum())
+        for key in ("batch_losses", "batch_sizes", "batch_correct"):
+            del stats[key]
         if self._step_pending:
             self.batch_end()
         self._in_epoch = False

@@ -14,19 +14,26 @@ __all__ = ["all_finite", "seed_everything", "to_device", "module_device", "unwra
 
 
 def all_finite(tensors) -> bool:
-    """True when every floating tensor in ``tensors`` holds only finite values, in one host sync.
+    """True when every floating (or complex) tensor in ``tensors`` holds only finite values, in
+    one host sync per device.
 
     A finite sum proves every summand finite (a NaN or inf entry makes the sum NaN or inf), so one
-    reduction per tensor and one sync decide the common case; only when the sum is not finite
-    (a bad value, or a float overflow of the sum itself) is each tensor checked element-wise."""
-    floats = [t for t in tensors if t.is_floating_point() and t.numel()]
-    if not floats:
-        return True
-    total = floats[0].sum() if len(floats) == 1 else torch.stack(
-        [t.sum().float() for t in floats]).sum()
-    if bool(torch.isfinite(total)):
-        return True
-    return all(bool(torch.isfinite(t).all()) for t in floats)
+    reduction per tensor and one sync per device decide the common case; only when a sum is not
+    finite (a bad value, or a float overflow of the sum itself) is each tensor checked
+    element-wise. Integer and empty tensors are not checked."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        if (t.is_floating_point() or t.is_complex()) and t.numel():
+            by_device.setdefault(t.device, []).append(t.detach())
+    with torch.no_grad():
+        for floats in by_device.values():
+            common = torch.complex64 if any(t.is_complex() for t in floats) else torch.float32
+            total = torch.stack([t.sum().to(common) for t in floats]).sum()
+            if bool(torch.isfinite(total)):
+                continue
+            if not all(bool(torch.isfinite(t).all()) for t in floats):
+                return False
+    return True
 
 
 def seed_everything(seed: int) -> None:

@@ -415,6 +415,8 @@ def unpack_batch(batch, modalities: Sequence[str] | None = None, *,
     audio-visual code yields tuples such as ``(audio, video, label)``: the message names what was
     received and shows the one-line adapter (``md.datasets.adapt_loader``).
     """
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], Mapping):
+        return batch[0], batch[1]  # the common case: no message to build
     where = f" (batch {batch_index})" if batch_index is not None else ""
     names = list(modalities) if modalities is not None else ["audio", "visual"]
     example = ", ".join(f"{m!r}: b[{i}]" for i, m in enumerate(names))
